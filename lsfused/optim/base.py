@@ -1,0 +1,426 @@
+"""The shared driver of every lsfused optimizer: closure handling, validation, flat buckets, records, state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsfused.backends import resolve as resolve_backend
+from lsfused.flat import FlatBucket
+from lsfused.reference import HP_COLUMNS, MODE_ADAM, MODE_SGD, NORM_COLUMNS
+
+Closure = Callable[[], Tensor]
+
+OUTCOMES = ("accepted", "failed", "skipped")
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one ``step()`` decided. ``opt.last_step`` holds the latest one.
+
+    Attributes:
+        step: 1-based index of the step.
+        loss: float64 copy of the loss at the starting point ``w0``.
+        trial_loss: loss at the last trial evaluated (the accepted one when ``outcome == "accepted"``), or None.
+        step_sizes: step size of every param group after the step (PLASLS: merged components share one value).
+        searched: indices of the param groups whose step size was line-searched in this step.
+        trials: number of trial points evaluated.
+        outcome: ``"accepted"``, ``"failed"`` (no trial passed within ``max_backtracks``) or ``"skipped"``
+            (no line search ran: zero decrease term, or a SaLSa speed-up step).
+        closure_calls: closure evaluations in this step (the gradient evaluation plus the trials).
+        merged: for PLASLS, the pair of component indices merged after this step, else None.
+    """
+
+    step: int
+    loss: float
+    trial_loss: float | None
+    step_sizes: tuple[float, ...]
+    searched: tuple[int, ...]
+    trials: int
+    outcome: str
+    closure_calls: int
+    merged: tuple[int, int] | None = None
+
+
+@dataclass
+class SearchResult:
+    outcome: str
+    eta: float
+    trials: int
+    trial_loss: float | None
+
+
+def check_loss(value: Any, where: str) -> float:
+    """Validate what a closure returned and give its float64 value."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"the closure must return the loss as a torch.Tensor, got {type(value).__name__} {where}")
+    if value.numel() != 1:
+        raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)} {where}")
+    if value.is_complex():
+        raise ValueError(f"the closure returned a complex loss {where}")
+    return float(value.detach().reshape(()).to("cpu", torch.float64))
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+
+
+def _int_at_least(name: str, value: int, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+class LineSearchOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses declare which buffers they need and implement ``_search``.
+
+    The optimizer layer holds no elementwise math: it drives the fused ops of the selected backend over flat
+    buffers and keeps every scalar that decides acceptance in float64.
+    """
+
+    #: hyperparameters that steer the (global) line search; they must be equal across param groups.
+    _search_keys: tuple[str, ...] = ()
+    _mode: int = MODE_ADAM
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str, deterministic_closure: bool):
+        if not isinstance(deterministic_closure, bool):
+            raise ValueError(f"deterministic_closure must be a bool, got {deterministic_closure!r}")
+        self._initialized = False
+        super().__init__(params, defaults)
+        self._check_groups()
+        self.backend, self._ops = resolve_backend(backend)
+        self.deterministic_closure = deterministic_closure
+        self._step_count = 0
+        self._seed = int(torch.initial_seed()) % (2**62)
+        self.last_step: StepRecord | None = None
+        for group in self.param_groups:
+            group.setdefault("step_size", float(group["init_step_size"]))
+        self._buckets = self._build_buckets()
+        self._bind_state()
+        self._initialized = True
+
+    # ------------------------------------------------------------------ construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_initialized", False):
+            raise RuntimeError("lsfused optimizers keep parameters in flat buffers: pass every param group at construction")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        unique, seen = [], set()
+        for p in params:  # tied weights: count once
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        param_group["params"] = unique
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Subclasses raise ValueError for invalid hyperparameters of one group."""
+
+    def _check_groups(self) -> None:
+        first = self.param_groups[0]
+        for i, group in enumerate(self.param_groups):
+            self._validate_group(group)
+            for key in self._search_keys:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"param group {i} sets {key}={group[key]!r} but group 0 has {first[key]!r}; line-search "
+                        f"hyperparameters ({', '.join(self._search_keys)}) must be the same in every group"
+                    )
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"param group {i} mixes devices {sorted(map(str, devices))}; put each in its own group")
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError("lsfused optimizers do not support complex parameters")
+                if not p.is_floating_point():
+                    raise ValueError(f"parameters must be floating point, got {p.dtype}")
+                if p.is_sparse:
+                    raise ValueError("lsfused optimizers do not support sparse parameters")
+
+    def _needs(self) -> tuple[bool, bool, bool]:
+        """(second moment v, momentum m, momentum direction dm) buffers needed by this optimizer."""
+        return False, False, False
+
+    def _build_buckets(self) -> list[FlatBucket]:
+        with_v, with_m, with_dm = self._needs()
+        by_key: dict[tuple, tuple[list[Tensor], list[int]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                params, owners = by_key.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                owners.append(gi)
+        with torch.no_grad():
+            return [FlatBucket(ps, gs, with_v, with_m, with_dm) for ps, gs in by_key.values()]
+
+    def _bind_state(self) -> None:
+        """Expose per-parameter state as views into the flat buffers, like ``torch.optim.Adam``'s."""
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                st: dict[str, Tensor] = {}
+                if b.m is not None:
+                    st["exp_avg"] = b.views(b.m, i)
+                if b.v is not None:
+                    st["exp_avg_sq"] = b.views(b.v, i)
+                self.state[p] = st
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.param_groups)
+
+    def _hp(self, bucket: FlatBucket, k: int) -> Tensor:
+        """Per-range hyperparameters (see ``reference.HP_COLUMNS``) for Adam step ``k``."""
+        rows = []
+        for gi in bucket.groups:
+            group = self.param_groups[gi]
+            b1, b2 = group.get("betas", (0.0, 0.0))
+            wd = group.get("weight_decay", 0.0)
+            rows.append(
+                [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * group["step_size"]]
+            )
+        return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(HP_COLUMNS))
+
+    def _pass_a(self) -> Tensor:
+        """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``."""
+        k = self._step_count + 1
+        sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
+        for b in self._buckets:
+            part = self._ops.direction_and_norms(b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.ranges, self._hp(b, k), self._mode)
+            sums[b.groups] += part.cpu()
+        return sums
+
+    def _apply(self, eta: dict[int, float], direction: str = "d") -> None:
+        """Pass B: ``w = w0 + eta[g]*dir`` over the param groups listed in ``eta``; others are left as they are."""
+        for b in self._buckets:
+            sel = [r for r, gi in enumerate(b.groups) if gi in eta]
+            if sel:
+                etas = torch.tensor([eta[b.groups[r]] for r in sel], dtype=torch.float64)
+                self._ops.trial_step(b.w, b.w0, getattr(b, direction), [b.ranges[r] for r in sel], etas)
+
+    def _restore(self, groups: Iterable[int] | None = None) -> None:
+        """``w = w0`` over the given param groups (all when None)."""
+        wanted = None if groups is None else set(groups)
+        for b in self._buckets:
+            sel = [rng for rng, gi in zip(b.ranges, b.groups, strict=True) if wanted is None or gi in wanted]
+            if sel:
+                self._ops.restore(b.w, b.w0, sel)
+
+    def _armijo(
+        self,
+        run: Closure,
+        f0: float,
+        groups: list[int],
+        eta0: float,
+        decrease: Callable[[float, float], bool],
+        shrink: float,
+        max_trials: int,
+        direction: str = "d",
+    ) -> SearchResult:
+        """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` until ``decrease(eta, f_trial)`` holds.
+
+        A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried.
+        """
+        eta, ft = eta0, None
+        for t in range(1, max_trials + 1):
+            self._apply(dict.fromkeys(groups, eta), direction)
+            ft = check_loss(run(), "at a trial point")
+            if math.isfinite(ft) and decrease(eta, ft):
+                return SearchResult("accepted", eta, t, ft)
+            if t < max_trials:
+                eta *= shrink
+        return SearchResult("failed", eta, max_trials, ft)
+
+    # ------------------------------------------------------------------ step
+
+    def _search(self, run: Closure, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
+        """Subclasses: decide and apply the update. Return (result, searched groups, merge info)."""
+        raise NotImplementedError
+
+    def _runner(self, closure: Closure) -> Callable[[], Tensor]:
+        calls = self._calls = [0]
+        if not self.deterministic_closure:
+
+            def run() -> Tensor:
+                calls[0] += 1
+                return closure()
+
+            return run
+        seed = (self._seed + self._step_count) % (2**62)
+        devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
+
+        def run_seeded() -> Tensor:
+            calls[0] += 1
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return closure()
+
+        return run_seeded
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, loss: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """One line-search step.
+
+        Args:
+            closure: callable that evaluates the loss on the current batch and returns it as a scalar tensor. It
+                must not call ``backward()``: the optimizer runs backward once, then calls the closure under
+                ``torch.no_grad()`` for every trial point. Required.
+            loss: the loss at the current parameters when the caller already ran forward and backward (as HF
+                Trainer or Lightning do). The optimizer then uses the existing ``.grad`` and only runs trials.
+
+        Returns:
+            The loss at the starting point. When ``loss`` is None, grads are zeroed before backward, so calling
+            ``zero_grad()`` is not needed.
+        """
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step() requires a closure that returns the loss")
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        for b in self._buckets:
+            b.check_params()
+        run = self._runner(closure)
+        if loss is None:
+            with torch.enable_grad():
+                loss = run()
+            f0 = check_loss(loss, "at the starting point")
+            if not math.isfinite(f0):
+                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+            if not loss.requires_grad:
+                raise ValueError("the closure's loss does not require grad: compute it from the parameters")
+            for b in self._buckets:
+                b.zero_grad()
+            with torch.enable_grad():
+                loss.backward()
+        else:
+            f0 = check_loss(loss, "(the loss argument)")
+            if not math.isfinite(f0):
+                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+        for b in self._buckets:
+            b.check_grads()
+        for b in self._buckets:
+            b.gather_grads()
+        for b in self._buckets:
+            bad = self._ops.nonfinite_count(b.g)
+            if bad:
+                raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
+        # From here on the state changes.
+        sums = self._pass_a()
+        result, searched, merged = self._search(run, f0, sums)
+        self._step_count += 1
+        self.last_step = StepRecord(
+            step=self._step_count,
+            loss=f0,
+            trial_loss=result.trial_loss,
+            step_sizes=tuple(float(g["step_size"]) for g in self.param_groups),
+            searched=searched,
+            trials=result.trials,
+            outcome=result.outcome,
+            closure_calls=self._calls[0],
+            merged=merged,
+        )
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat grad buffers. Grads stay allocated as views of them whatever ``set_to_none`` says, so
+        backward keeps writing in place; a parameter without a gradient counts as a zero gradient."""
+        for b in self._buckets:
+            b.zero_grad()
+
+    # ------------------------------------------------------------------ state
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclass state beyond moments and step sizes (plain Python values)."""
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+    def _layout(self) -> list[list[list[int]]]:
+        return [[list(p.shape) for p in g["params"]] for g in self.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-exactly: moments (as copies), step sizes, counters, subclass state."""
+        index, state = 0, {}
+        ids = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                ids[id(p)] = index
+                index += 1
+        for p, st in self.state.items():
+            state[ids[id(p)]] = {k: v.detach().clone() for k, v in st.items()}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [ids[id(p)] for p in group["params"]]
+            groups.append(packed)
+        return {
+            "state": state,
+            "param_groups": groups,
+            "lsfused": {
+                "optimizer": type(self).__name__,
+                "version": _STATE_VERSION,
+                "layout": self._layout(),
+                "step": self._step_count,
+                "seed": self._seed,
+                "extra": self._extra_state(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of the same optimizer class over the same parameter layout.
+
+        Everything is validated before anything changes; a mismatch raises ValueError.
+        """
+        name = type(self).__name__
+        meta = state_dict.get("lsfused") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError(f"not an lsfused state_dict (no 'lsfused' entry); cannot load it into {name}")
+        if meta.get("optimizer") != name:
+            raise ValueError(f"state_dict was saved by {meta.get('optimizer')!r}, cannot load it into {name}")
+        if meta.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported lsfused state_dict version {meta.get('version')!r}")
+        if meta.get("layout") != self._layout():
+            raise ValueError(
+                f"state_dict parameter layout does not match this {name}: saved groups/shapes "
+                f"{meta.get('layout')} vs {self._layout()}"
+            )
+        saved_groups = state_dict["param_groups"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        expected_keys = set(next(iter(self.state.values())).keys()) if self.state else set()
+        new_state = {}
+        for i, p in enumerate(params):
+            st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
+            if st is None or set(st) != expected_keys:
+                raise ValueError(f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})")
+            for key, t in st.items():
+                if not isinstance(t, Tensor) or t.shape != p.shape:
+                    raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape")
+            new_state[id(p)] = st
+        self._check_extra_state(meta["extra"], saved_groups)
+        # Validated: now commit.
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = v
+        for p in params:
+            for key, t in new_state[id(p)].items():
+                self.state[p][key].copy_(t)
+        self._step_count = int(meta["step"])
+        self._seed = int(meta["seed"])
+        self._load_extra_state(meta["extra"])
+
+    def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
+        """Subclasses raise ValueError when their saved state cannot apply."""

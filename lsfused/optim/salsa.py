@@ -1,0 +1,177 @@
+"""SaLSa / ALSALS: smoothed Armijo line search with Adam momentum (Kenneweg et al., arXiv 2403.18519)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from lsfused.optim.base import LineSearchOptimizer, SearchResult, _in_range, _int_at_least, _positive
+from lsfused.reference import MODE_ADAM
+
+_GATE = 1e-8  # below this loss or smoothed decrease term the search is not run (authors' code)
+
+
+class SaLSa(LineSearchOptimizer):
+    """SaLSa: stable Armijo line search adaptation with Adam (ALSALS of arXiv 2403.18519, as in the authors' SaLSA).
+
+    Per step k, with Adam moments (standard bias correction), ``P = 1/(sqrt(v_hat) + eps)``, search direction
+    ``d = -g*P`` (or ``d = -m_hat*P`` when ``use_momentum_direction``) and ``s = -g·d``:
+
+    - decoupled weight decay on the snapshot: ``w0 = w * (1 - weight_decay*eta_prev)``;
+    - ``eta0 = growth * eta_prev``;
+    - smoothed decrease term ``G_k = a*G_{k-1} + (1-a)*s_k`` with ``a = smoothing``;
+    - trial ``w = w0 + eta*d``; smoothed observed decrease ``D = a*D_{k-1} + (1-a)*(f(w0) - f(w0 + eta*d))``;
+    - accept when ``D >= c*eta*G_k`` (the smoothed Armijo condition of the paper, Section 3; the summary available to
+      us numbers no equations), then ``D_k = D``; else ``eta *= shrink``. An observed decrease of exactly 0 is
+      accepted without updating D (the authors' rule); a non-finite trial loss is rejected.
+    - With ``speed_up`` the search is skipped once the step size is stable: with fast/slow EMAs (0.9/0.99) of
+      accepted step sizes and ``r = max(fast/slow, slow/fast)``, a search runs every
+      ``min(10, 1/(r - 1 + 1e-8))`` steps (and always in the first 10). A skipped step applies Adam's step
+      ``w = w0 - eta0*m_hat*P`` without changing the stored step size (outcome ``"skipped"``); so does a step whose
+      loss or ``G_k`` is below 1e-8.
+    - When all ``max_backtracks`` trials fail the last trial is kept and the step size becomes ``shrink`` times the
+      last one tried (outcome ``"failed"``), as in the authors' code.
+
+    The EMAs are not bias-corrected (the authors' code). An accepted search keeps the trial point as the update.
+
+    Args:
+        params: parameters or param groups; search hyperparameters must match across groups, ``betas``, ``eps``
+            and ``weight_decay`` may differ.
+        init_step_size (float, default 1.0), c (float, default 0.5), betas (tuple, default (0.9, 0.999)),
+        smoothing (float, default 0.9), growth (float, default 1.1), shrink (float, default 0.8),
+        max_backtracks (int, default 100), use_momentum_direction (bool, default False), speed_up (bool, default
+        True), weight_decay (float, default 0.0), deterministic_closure (bool, default True),
+        backend (str, default "auto"): as described above.
+        eps (float, default 1e-8): added to ``sqrt(v_hat)``.
+    """
+
+    _mode = MODE_ADAM
+    _search_keys = (
+        "init_step_size",
+        "c",
+        "smoothing",
+        "growth",
+        "shrink",
+        "max_backtracks",
+        "use_momentum_direction",
+        "speed_up",
+    )
+
+    def __init__(
+        self,
+        params: Iterable,
+        init_step_size: float = 1.0,
+        c: float = 0.5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        smoothing: float = 0.9,
+        growth: float = 1.1,
+        shrink: float = 0.8,
+        max_backtracks: int = 100,
+        use_momentum_direction: bool = False,
+        speed_up: bool = True,
+        weight_decay: float = 0.0,
+        deterministic_closure: bool = True,
+        backend: str = "auto",
+        eps: float = 1e-8,
+    ):
+        defaults = dict(
+            init_step_size=init_step_size,
+            c=c,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            smoothing=smoothing,
+            growth=growth,
+            shrink=shrink,
+            max_backtracks=max_backtracks,
+            use_momentum_direction=use_momentum_direction,
+            speed_up=speed_up,
+            weight_decay=weight_decay,
+        )
+        self._smoothed = {"G": 0.0, "D": 0.0, "fast": 1e-8, "slow": 1e-8, "since_search": 0}
+        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _positive("init_step_size", group["init_step_size"])
+        _positive("c", group["c"])
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _in_range("betas[0]", betas[0], 0.0, 1.0)
+        _in_range("betas[1]", betas[1], 0.0, 1.0)
+        _in_range("smoothing", group["smoothing"], 0.0, 1.0)
+        if not (isinstance(group["growth"], (int, float)) and group["growth"] >= 1.0):
+            raise ValueError(f"growth must be >= 1, got {group['growth']!r}")
+        _in_range("shrink", group["shrink"], 0.0, 1.0)
+        if group["shrink"] <= 0.0:
+            raise ValueError(f"shrink must be in (0, 1), got {group['shrink']!r}")
+        _int_at_least("max_backtracks", group["max_backtracks"], 1)
+        for key in ("use_momentum_direction", "speed_up"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+        if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0.0):
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0.0):
+            raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+
+    def _needs(self) -> tuple[bool, bool, bool]:
+        return True, True, True
+
+    def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
+        g0, st = self.param_groups[0], self._smoothed
+        k = self._step_count + 1
+        a = g0["smoothing"]
+        eta0 = g0["step_size"] * g0["growth"]
+        st["since_search"] += 1
+        r = st["fast"] / st["slow"]
+        r = 1.0 / r if r < 1.0 else r
+        needed = min(10.0, 1.0 / ((r - 1.0) + 1e-8))
+        groups = tuple(range(self.n_groups))
+        search = not g0["speed_up"] or k <= 10 or st["since_search"] >= needed
+        if search:
+            st["since_search"] = 0
+            # s = -g·d for the chosen direction: sum(g*g*P), or sum(g*m_hat*P) = -g·dm
+            s = -float(sums[:, 4].sum()) if g0["use_momentum_direction"] else float(sums[:, 0].sum())
+            st["G"] = a * st["G"] + (1.0 - a) * s
+            search = f0 >= _GATE and st["G"] >= _GATE
+        if not search:
+            self._apply(dict.fromkeys(groups, eta0), "dm")
+            return SearchResult("skipped", eta0, 0, None), (), None
+        G, D_prev, c = st["G"], st["D"], g0["c"]
+        accepted_D = []
+
+        def decrease(eta: float, ft: float) -> bool:
+            raw = f0 - ft
+            if raw == 0.0:
+                return True
+            dec = a * D_prev + (1.0 - a) * raw
+            if dec >= c * eta * G:
+                accepted_D.append(dec)
+                return True
+            return False
+
+        direction = "dm" if g0["use_momentum_direction"] else "d"
+        result = self._armijo(run, f0, list(groups), eta0, decrease, g0["shrink"], g0["max_backtracks"], direction)
+        if accepted_D:
+            st["D"] = accepted_D[-1]
+        eta = result.eta if result.outcome == "accepted" else result.eta * g0["shrink"]
+        for group in self.param_groups:
+            group["step_size"] = eta
+        st["fast"] = 0.9 * st["fast"] + 0.1 * eta
+        st["slow"] = 0.99 * st["slow"] + 0.01 * eta
+        return result, groups, None
+
+    def _extra_state(self) -> dict[str, Any]:
+        return dict(self._smoothed)
+
+    def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
+        missing = set(self._smoothed) - set(extra)
+        if missing:
+            raise ValueError(f"state_dict lacks SaLSa smoothing state {sorted(missing)}")
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._smoothed = {key: extra[key] for key in self._smoothed}
+
+
+ALSALS = SaLSa

@@ -1,0 +1,370 @@
+"""Armijo line search on the SGD and Adam directions: SGDSLS, AdamSLS (ADAMSLS) and PLASLS.
+
+Reference: Kenneweg et al., "Faster Convergence for Transformer Fine-tuning with Line Search Methods",
+arXiv 2403.18506 (equation numbers below are that paper's), building on Vaswani et al., arXiv 1905.09997.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsfused.optim.base import (
+    LineSearchOptimizer,
+    SearchResult,
+    _in_range,
+    _int_at_least,
+    _positive,
+)
+from lsfused.reference import MODE_ADAM, MODE_SGD
+
+_ON_FAILURE = ("revert", "last")
+
+
+class _ArmijoSLS(LineSearchOptimizer):
+    """Shared driver of SGDSLS, AdamSLS and PLASLS.
+
+    The param groups are the components: a step either searches all of them jointly with one step size (the
+    "full search" used by SGDSLS and AdamSLS on every step, and by PLASLS on its first ``full_search_steps``
+    steps) or one component (PLASLS afterwards).
+    """
+
+    _search_keys = ("c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "on_failure", "init_step_size")
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str, deterministic_closure: bool):
+        # PLASLS state (a single component holding every group for SGDSLS/AdamSLS).
+        self.components: list[list[int]] = []
+        self._cursor = 0
+        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+        self.components = [list(range(self.n_groups))]
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _positive("init_step_size", group["init_step_size"])
+        _positive("c", group["c"])
+        _in_range("beta_b", group["beta_b"], 0.0, 1.0)
+        if group["beta_b"] <= 0.0:
+            raise ValueError(f"beta_b must be in (0, 1), got {group['beta_b']!r}")
+        if not (isinstance(group["gamma"], (int, float)) and group["gamma"] >= 1.0):
+            raise ValueError(f"gamma must be >= 1, got {group['gamma']!r}")
+        _int_at_least("n_batches_per_epoch", group["n_batches_per_epoch"], 1)
+        _int_at_least("max_backtracks", group["max_backtracks"], 1)
+        if group["on_failure"] not in _ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {group['on_failure']!r}")
+        if "betas" in group:
+            betas = group["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+            _in_range("betas[0]", betas[0], 0.0, 1.0)
+            _in_range("betas[1]", betas[1], 0.0, 1.0)
+            if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0.0):
+                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+
+    @property
+    def _has_momentum(self) -> bool:
+        return any(g.get("betas", (0.0, 0.0))[0] > 0.0 for g in self.param_groups)
+
+    def _full_search(self, step_index: int) -> bool:
+        return True
+
+    def _choose_component(self) -> int:
+        return 0
+
+    def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
+        g0 = self.param_groups[0]
+        growth = g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
+        for group in self.param_groups:
+            group["step_size"] = group["step_size"] * growth
+        s = sums[:, 0].tolist()
+        if self._full_search(self._step_count):
+            searched = list(range(self.n_groups))
+        else:
+            searched = self.components[self._choose_component()]
+        s_searched = math.fsum(s[i] for i in searched)
+        c = g0["c"]
+        final_dir = "dm" if self._has_momentum else "d"
+        if not s_searched > 0.0:
+            # Zero decrease term: the direction is zero on the searched part, no trial can be judged.
+            self._restore()
+            return SearchResult("skipped", self.param_groups[searched[0]]["step_size"], 0, None), tuple(searched), None
+        eta0 = self.param_groups[searched[0]]["step_size"]
+        result = self._armijo(
+            run,
+            f0,
+            searched,
+            eta0,
+            lambda eta, ft: ft <= f0 - c * eta * s_searched,
+            g0["beta_b"],
+            g0["max_backtracks"],
+        )
+        for i in searched:
+            self.param_groups[i]["step_size"] = result.eta
+        if result.outcome == "accepted":
+            moved_all = len(searched) == self.n_groups
+            if final_dir != "d" or not moved_all:
+                # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
+                self._apply({i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}, final_dir)
+        elif g0["on_failure"] == "revert":
+            self._restore(searched)
+        merged = self._after_search(len(searched) == self.n_groups)
+        return result, tuple(searched), merged
+
+    def _after_search(self, full: bool) -> tuple[int, int] | None:
+        return None
+
+    def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
+        comps = extra.get("components")
+        flat = sorted(i for comp in comps or [] for i in comp)
+        if flat != list(range(self.n_groups)):
+            raise ValueError(f"state_dict component layout {comps!r} does not cover this optimizer's groups")
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"components": [list(c) for c in self.components], "cursor": self._cursor}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.components = [list(c) for c in extra["components"]]
+        self._cursor = int(extra["cursor"])
+
+
+class SGDSLS(_ArmijoSLS):
+    """Stochastic Armijo line search on the SGD direction (SLS, Vaswani et al. 2019; SGDSLS in arXiv 2403.18506).
+
+    Each step: ``d = -g``; starting from ``eta0 = eta_prev * gamma**(1/n_batches_per_epoch)`` (Eq. 2), try
+    ``w = w0 + eta*d`` and multiply eta by ``beta_b`` until ``f(w0 + eta*d) <= f(w0) - c*eta*||g||^2`` (Eq. 1).
+
+    Args:
+        params: parameters or param groups. Line-search hyperparameters must be equal in every group; all
+            groups share one step size.
+        init_step_size (float, default 1.0): step size the first search starts from (before the Eq. 2 growth).
+        c (float, default 0.1): Armijo sufficient-decrease constant.
+        beta_b (float, default 0.9): backtracking factor (the paper's delta).
+        gamma (float, default 2.0): step-size growth per epoch (Eq. 2).
+        n_batches_per_epoch (int, default 500): batches per epoch in Eq. 2.
+        max_backtracks (int, default 100): maximum number of trials in one step.
+        on_failure (str, default "revert"): when no trial passes, ``"revert"`` keeps w0 (no update) and
+            ``"last"`` keeps the last trial; the step is recorded as ``"failed"`` either way and the step size
+            becomes the last one tried.
+        deterministic_closure (bool, default True): run every closure call of a step under the same RNG seed
+            (derived from the step counter), restoring the caller's RNG state afterwards.
+        backend (str, default "auto"): fused-op backend (see ``lsfused.backends()``).
+    """
+
+    _mode = MODE_SGD
+
+    def __init__(
+        self,
+        params: Iterable,
+        init_step_size: float = 1.0,
+        c: float = 0.1,
+        beta_b: float = 0.9,
+        gamma: float = 2.0,
+        n_batches_per_epoch: int = 500,
+        max_backtracks: int = 100,
+        on_failure: str = "revert",
+        deterministic_closure: bool = True,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            init_step_size=init_step_size,
+            c=c,
+            beta_b=beta_b,
+            gamma=gamma,
+            n_batches_per_epoch=n_batches_per_epoch,
+            max_backtracks=max_backtracks,
+            on_failure=on_failure,
+        )
+        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+
+
+class AdamSLS(_ArmijoSLS):
+    """ADAMSLS: Armijo line search on the Adam direction (arXiv 2403.18506, Eq. 3-5).
+
+    Each step, with Adam moments ``m, v`` (bias-corrected ``m_hat, v_hat``) and ``P = 1/(sqrt(v_hat) + eps)``:
+
+    - search direction ``d = -g*P`` (Adam with beta1 = 0, as Eq. 5 prescribes);
+    - decrease term ``s = sum(g*g*P)``: the elementwise form of the paper's ``||g||^2/sqrt(v_hat + eps)``, as the
+      authors' code computes it;
+    - starting from ``eta0 = eta_prev * gamma**(1/n_batches_per_epoch)`` (Eq. 2), accept the first eta in
+      ``eta0 * beta_b**j`` with ``f(w0 + eta*d) <= f(w0) - c*eta*s``.
+
+    With ``betas[0] > 0`` the search still uses the momentum-free ``d``, and after acceptance the applied step is
+    ``w = w0 + eta * (-m_hat*P)``, as in the authors' code. The default ``betas=(0.0, 0.999)`` is the paper's setting
+    (the searched point is the update, and no first-moment buffer is allocated).
+
+    Args:
+        params: parameters or param groups. Line-search hyperparameters must be equal in every group (all groups
+            share one step size); ``betas`` and ``eps`` may differ per group.
+        init_step_size (float, default 0.1), c (float, default 0.1), beta_b (float, default 0.9),
+        gamma (float, default 2.0), n_batches_per_epoch (int, default 500), max_backtracks (int, default 100),
+        on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"):
+            as in :class:`SGDSLS`.
+        betas (tuple, default (0.0, 0.999)): Adam's beta1, beta2.
+        eps (float, default 1e-8): added to ``sqrt(v_hat)``.
+    """
+
+    _mode = MODE_ADAM
+
+    def __init__(
+        self,
+        params: Iterable,
+        init_step_size: float = 0.1,
+        c: float = 0.1,
+        beta_b: float = 0.9,
+        gamma: float = 2.0,
+        n_batches_per_epoch: int = 500,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+        max_backtracks: int = 100,
+        on_failure: str = "revert",
+        deterministic_closure: bool = True,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            init_step_size=init_step_size,
+            c=c,
+            beta_b=beta_b,
+            gamma=gamma,
+            n_batches_per_epoch=n_batches_per_epoch,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            eps=eps,
+            max_backtracks=max_backtracks,
+            on_failure=on_failure,
+        )
+        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+
+    def _needs(self) -> tuple[bool, bool, bool]:
+        return True, self._has_momentum, self._has_momentum
+
+
+class PLASLS(AdamSLS):
+    """PLASLS: ADAMSLS with one step size per network component (arXiv 2403.18506, Eq. 6-7 and Algorithm 1).
+
+    ``components`` become the param groups. The first ``full_search_steps`` steps line-search the whole network
+    jointly (decrease term summed over all components) and give every component the result. Afterwards each step
+    searches one component ``l`` (cyclic order, or ``schedule="random"`` from a generator seeded by the RNG state at
+    construction): the trial moves only component ``l``, ``w = w0 + eta_l * d_l``, tested against
+    ``f(w0) - c*eta_l*s_l`` (Eq. 6), while the other components stay at ``w0``; then the full update
+    ``w = w0 + eta ⊙ d`` is applied with every component's step size (Eq. 7). Before each step every component's
+    step size grows by ``gamma**(1/n_batches_per_epoch)`` (Eq. 2).
+
+    Merging (Algorithm 1): after a step, if the smallest step size is ``<= merge_threshold`` and there are at least
+    two components, it is merged with the component holding the second-smallest step size; the merged step size is
+    their mean. ``self.components`` lists the param-group indices of each current component; ``last_step.merged``
+    and ``self.merges`` record every merge.
+
+    Differences from the authors' code, on purpose: the first phase is ``full_search_steps=1`` step (the paper's text)
+    rather than six, its decrease term is summed over all components (the code uses the last group's only), and the
+    other components stay at ``w0`` while one is searched (the paper's Eq. 6).
+
+    Args:
+        components: a list of parameter lists or of param-group dicts, one per component.
+        merge_threshold (float, default 1e-12): lambda of Algorithm 1; 0 disables merging.
+        schedule (str, default "cyclic"): ``"cyclic"`` or ``"random"``.
+        full_search_steps (int, default 1): number of initial whole-network searches.
+        other arguments: as in :class:`AdamSLS`.
+    """
+
+    def __init__(
+        self,
+        components: Iterable,
+        init_step_size: float = 0.1,
+        c: float = 0.1,
+        beta_b: float = 0.9,
+        gamma: float = 2.0,
+        n_batches_per_epoch: int = 500,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+        max_backtracks: int = 100,
+        on_failure: str = "revert",
+        deterministic_closure: bool = True,
+        backend: str = "auto",
+        merge_threshold: float = 1e-12,
+        schedule: str = "cyclic",
+        full_search_steps: int = 1,
+    ):
+        if not (isinstance(merge_threshold, (int, float)) and merge_threshold >= 0.0):
+            raise ValueError(f"merge_threshold must be >= 0, got {merge_threshold!r}")
+        if schedule not in ("cyclic", "random"):
+            raise ValueError(f"schedule must be 'cyclic' or 'random', got {schedule!r}")
+        _int_at_least("full_search_steps", full_search_steps, 0)
+        groups = []
+        for comp in components:
+            if isinstance(comp, dict):
+                groups.append(dict(comp))
+            elif isinstance(comp, Tensor):
+                groups.append({"params": [comp]})
+            else:
+                groups.append({"params": list(comp)})
+        if not groups:
+            raise ValueError("PLASLS needs at least one component")
+        self.merge_threshold = float(merge_threshold)
+        self.schedule = schedule
+        self.full_search_steps = full_search_steps
+        self.merges: list[dict[str, Any]] = []
+        self._generator = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**62))
+        super().__init__(
+            groups,
+            init_step_size=init_step_size,
+            c=c,
+            beta_b=beta_b,
+            gamma=gamma,
+            n_batches_per_epoch=n_batches_per_epoch,
+            betas=betas,
+            eps=eps,
+            max_backtracks=max_backtracks,
+            on_failure=on_failure,
+            deterministic_closure=deterministic_closure,
+            backend=backend,
+        )
+        self.components = [[i] for i in range(self.n_groups)]
+
+    def _full_search(self, step_index: int) -> bool:
+        return step_index < self.full_search_steps or len(self.components) == 1
+
+    def _choose_component(self) -> int:
+        if self.schedule == "random":
+            return int(torch.randint(len(self.components), (1,), generator=self._generator))
+        self._cursor %= len(self.components)
+        idx = self._cursor
+        self._cursor = (self._cursor + 1) % len(self.components)
+        return idx
+
+    def component_step_sizes(self) -> list[float]:
+        """Current step size of each component (in ``self.components`` order)."""
+        return [self.param_groups[comp[0]]["step_size"] for comp in self.components]
+
+    def _after_search(self, full: bool) -> tuple[int, int] | None:
+        if self.merge_threshold <= 0.0 or len(self.components) < 2:
+            return None
+        etas = self.component_step_sizes()
+        order = sorted(range(len(etas)), key=lambda i: (etas[i], i))
+        s, s2 = order[0], order[1]
+        if etas[s] > self.merge_threshold:
+            return None
+        keep, drop = min(s, s2), max(s, s2)
+        new_eta = (etas[s] + etas[s2]) / 2.0
+        self.components[keep] = sorted(self.components[keep] + self.components[drop])
+        del self.components[drop]
+        for gi in self.components[keep]:
+            self.param_groups[gi]["step_size"] = new_eta
+        if self._cursor > drop:
+            self._cursor -= 1
+        self._cursor %= len(self.components)
+        self.merges.append(
+            {"step": self._step_count + 1, "components": (s, s2), "step_sizes": (etas[s], etas[s2]), "new": new_eta}
+        )
+        return (s, s2)
+
+    def _extra_state(self) -> dict[str, Any]:
+        extra = super()._extra_state()
+        extra["generator"] = self._generator.get_state()
+        extra["merges"] = [dict(m) for m in self.merges]
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
+        self._generator.set_state(extra["generator"])
+        self.merges = [dict(m) for m in extra["merges"]]

@@ -1,0 +1,102 @@
+"""Pure-torch reference implementations of the fused ops (the ``torch`` backend).
+
+Every other backend must match these. All ops work on the flat buffers of one bucket (see ``lsfused.flat``) over a
+list of ``ranges``: ``[(start, end), ...]`` offsets into the flat buffers, one per param group present in the bucket.
+
+Elementwise math is done in the state dtype (float32 for fp32/bf16/fp16 parameters, float64 for float64 ones),
+in this order, which all backends follow (P is the Adam preconditioner)::
+
+    m     = b1*m + (1-b1)*g                       (only when a momentum buffer exists)
+    v     = b2*v + (1-b2)*g*g
+    denom = sqrt(v)/sqrt(1-b2^k) + eps            (Adam's bias-corrected denominator, as torch.optim.Adam)
+    d     = -g/denom                              (search direction; SGD: d = -g)
+    dm    = -(m/(1-b1^k))/denom                   (momentum direction, applied after an accepted search)
+    w0    = w*wd_scale                            (snapshot; wd_scale = 1 - weight_decay*eta_prev, usually 1)
+
+The decision scalars are accumulated in float64 from the stored (rounded) values, per range::
+
+    s   = sum(g*g/denom)   (SGD: sum(g*g))       the Armijo decrease term, Eq. 5 of arXiv 2403.18506
+    gg  = sum(g*g),  gd = sum(g*d),  dd = sum(d*d),  gdm = sum(g*dm)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Columns of the partial-sum tensor returned by direction_and_norms.
+NORM_COLUMNS = ("s", "gg", "gd", "dd", "gdm")
+# Columns of the per-range hyperparameter tensor passed to direction_and_norms.
+HP_COLUMNS = ("b1", "b2", "eps", "bc1", "sqrt_bc2", "wd_scale")
+
+MODE_SGD = 0
+MODE_ADAM = 1
+
+
+def direction_and_norms(
+    g: Tensor,
+    w: Tensor,
+    w0: Tensor,
+    d: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    dm: Tensor | None,
+    ranges: list[tuple[int, int]],
+    hp: Tensor,
+    mode: int,
+) -> Tensor:
+    """Pass A: update the moments, write the direction(s) and the snapshot, return float64 sums ``[R, 5]``."""
+    out = torch.zeros(len(ranges), len(NORM_COLUMNS), dtype=torch.float64)
+    for r, ((a, b), row) in enumerate(zip(ranges, hp.tolist(), strict=True)):
+        b1, b2, eps, bc1, sqrt_bc2, wd_scale = row
+        gr = g[a:b].to(d.dtype)
+        if wd_scale == 1.0:
+            w0[a:b].copy_(w[a:b])
+        else:
+            w0[a:b].copy_(w[a:b].to(w0.dtype) * wd_scale)
+        g64 = gr.double()
+        if mode == MODE_SGD:
+            torch.neg(gr, out=d[a:b])
+            s = g64 * g64
+            gdm = torch.zeros((), dtype=torch.float64)
+        else:
+            if m is not None:
+                m[a:b].mul_(b1).add_(gr, alpha=1.0 - b1)
+            v[a:b].mul_(b2).addcmul_(gr, gr, value=1.0 - b2)
+            denom = (v[a:b].sqrt() / sqrt_bc2).add_(eps)
+            torch.div(gr, denom, out=d[a:b]).neg_()
+            s = g64 * g64 / denom.double()
+            if dm is not None:
+                src = m[a:b] if m is not None else gr
+                torch.div(src / bc1, denom, out=dm[a:b]).neg_()
+                gdm = (g64 * dm[a:b].double()).sum()
+            else:
+                gdm = torch.zeros((), dtype=torch.float64)
+        d64 = d[a:b].double()
+        out[r, 0] = s.sum()
+        out[r, 1] = (g64 * g64).sum()
+        out[r, 2] = (g64 * d64).sum()
+        out[r, 3] = (d64 * d64).sum()
+        out[r, 4] = gdm
+    return out
+
+
+def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[tuple[int, int]], eta: Tensor) -> None:
+    """Pass B: ``w[r] = w0[r] + eta[r]*d[r]`` for each listed range, in the state dtype, cast on store.
+
+    ``eta`` is a float64 tensor with one entry per range; it is rounded to the state dtype before the multiply.
+    """
+    eta_s = eta.to(device=d.device, dtype=d.dtype)
+    for r, (a, b) in enumerate(ranges):
+        w[a:b].copy_(torch.addcmul(w0[a:b], eta_s[r], d[a:b]))
+
+
+def restore(w: Tensor, w0: Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Revert: ``w[r] = w0[r]`` (bit-exact: w0 holds w exactly)."""
+    for a, b in ranges:
+        w[a:b].copy_(w0[a:b])
+
+
+def nonfinite_count(g: Tensor) -> int:
+    """Number of non-finite gradient entries (0 means the step may proceed)."""
+    return int((~torch.isfinite(g)).sum())
