@@ -1,0 +1,5 @@
+import sys
+
+from lsfused.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""Command line: ``lsfused demo`` (also ``python -m lsfused demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from lsfused import demo
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    optimizers = tuple(o.strip().lower() for o in args.optimizers.split(",") if o.strip())
+    results = demo.run_digits(optimizers, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    print()
+    print(f"digits (scikit-learn, 8x8 images, 10 classes), {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}")
+    print(demo.format_table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lsfused", description="Fused stochastic line-search optimizers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="train a network with Adam and the line-search optimizers, side by side")
+    p.add_argument("--task", choices=["digits"], default="digits", help="which demo to run")
+    p.add_argument("--optimizers", default=",".join(("adam", "adamsls", "plasls", "salsa")),
+                   help="comma-separated list from adam, adamsls, plasls, salsa, sgdsls")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        parser.exit(2, f"lsfused: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""PLASLS: the full-search phase, cyclic order, trials that move only the searched component, forced merges."""
+
+import math
+
+import pytest
+import torch
+from conftest import batches, mlp
+from torch import nn
+
+import lsfused
+
+
+class Scripted:
+    """A closure whose first call per step is the real loss and whose trials return scripted values.
+
+    ``script(step, trial, f0)`` gives a trial's loss. Every trial also records which parameters differ from w0.
+    """
+
+    def __init__(self, model, script):
+        self.model, self.script = model, script
+        self.x, self.y = batches(1)[0]
+        self.step, self.trial, self.f0, self.w0, self.moved = 0, 0, None, None, []
+
+    def begin(self):
+        self.step += 1
+        self.trial = 0
+        self.w0 = [p.detach().clone() for p in self.model.parameters()]
+
+    def __call__(self):
+        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        if torch.is_grad_enabled():
+            self.f0 = float(loss.detach())
+            return loss
+        self.trial += 1
+        self.moved.append(tuple(i for i, (a, p) in enumerate(zip(self.w0, self.model.parameters())) if not torch.equal(a, p)))
+        return torch.tensor(self.script(self.step, self.trial, self.f0))
+
+
+def accept(step, trial, f0):
+    return f0 - 1e3
+
+
+def three_components(model):
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    extra = nn.Linear(3, 3)
+    model.append(extra)
+    return [list(layers[0].parameters()), list(layers[1].parameters()), list(extra.parameters())]
+
+
+def test_full_search_phase_then_cyclic_order():
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), full_search_steps=2, gamma=1.0)
+    closure = Scripted(model, accept)
+    searched = []
+    for _ in range(8):
+        closure.begin()
+        opt.step(closure)
+        searched.append(opt.last_step.searched)
+    assert searched == [(0, 1, 2), (0, 1, 2), (0,), (1,), (2,), (0,), (1,), (2,)]
+    # In the full phase every component gets the same step size.
+    assert len(set(opt.param_groups[i]["step_size"] for i in range(3))) >= 1
+
+
+def test_trial_moves_only_the_searched_component():
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), full_search_steps=1, gamma=1.0)
+    closure = Scripted(model, lambda step, trial, f0: math.inf if trial < 3 else f0 - 1e3)
+    for _ in range(3):
+        closure.begin()
+        opt.step(closure)
+    # params 0,1 = component 0 (first layer's weight, bias); 2,3 = component 1; 4,5 = component 2.
+    first, second, third = closure.moved[:3], closure.moved[3:6], closure.moved[6:9]
+    assert all(m == (0, 1, 2, 3, 4, 5) for m in first)  # the full search moves everything
+    assert all(m == (0, 1) for m in second)  # component 0 alone
+    assert all(m == (2, 3) for m in third)  # component 1 alone
+    assert opt.last_step.trials == 3
+
+
+def test_first_step_gives_every_component_the_searched_step_size():
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.5)
+    closure = Scripted(model, lambda step, trial, f0: math.inf if trial < 4 else f0 - 1e3)
+    closure.begin()
+    opt.step(closure)
+    assert opt.last_step.step_sizes == (0.1 * 0.5**3,) * 3
+
+
+def test_forced_merge():
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.9)
+    script = {1: 0, 2: 0, 3: 5, 4: 0}  # rejected trials before acceptance, per step
+
+    closure = Scripted(model, lambda step, trial, f0: math.inf if trial <= script[step] else f0 - 1e3)
+    closure.begin()
+    opt.step(closure)
+    e = opt.last_step.step_sizes[0]
+    assert e == 0.1
+    opt.merge_threshold = 0.7 * e
+    closure.begin()
+    opt.step(closure)  # searches component 0: accepted at e
+    assert opt.last_step.merged is None and opt.components == [[0], [1], [2]]
+    closure.begin()
+    opt.step(closure)  # searches component 1: five rejections -> e*0.9**5 <= 0.7e -> merge with the smallest other
+    small = e
+    for _ in range(5):
+        small *= 0.9  # the optimizer shrinks step by step
+    assert opt.last_step.trials == 6
+    assert opt.last_step.merged == (1, 0)  # component 1 merged into component 0 (ties broken by index)
+    assert opt.components == [[0, 1], [2]]
+    assert opt.param_groups[0]["step_size"] == opt.param_groups[1]["step_size"] == (small + e) / 2
+    assert opt.param_groups[2]["step_size"] == e
+    assert opt.merges == [{"step": 3, "components": (1, 0), "step_sizes": (small, e), "new": (small + e) / 2}]
+    closure.begin()
+    opt.step(closure)  # the cursor moved on: the next search is component [2]
+    assert opt.last_step.searched == (2,)
+
+
+def test_merged_components_are_searched_together():
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, merge_threshold=1.0)
+    closure = Scripted(model, accept)
+    closure.begin()
+    opt.step(closure)  # all equal 0.1 <= 1.0: components 0 and 1 merge
+    assert opt.components == [[0, 1], [2]]
+    closure.begin()
+    opt.step(closure)
+    assert opt.components == [[0, 1, 2]]
+    closure.begin()
+    opt.step(closure)
+    assert opt.last_step.searched == (0, 1, 2)
+
+
+def test_random_schedule_is_seeded():
+    def searched(seed):
+        torch.manual_seed(seed)
+        model = mlp()
+        opt = lsfused.PLASLS(three_components(model), schedule="random", full_search_steps=0)
+        closure = Scripted(model, accept)
+        out = []
+        for _ in range(12):
+            closure.begin()
+            opt.step(closure)
+            out.append(opt.last_step.searched)
+        return out
+
+    a, b = searched(3), searched(3)
+    assert a == b and len(set(a)) > 1
+
+
+def test_by_layers_balances_and_keeps_modules_whole():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 2))
+    comps = lsfused.components.by_layers(model, 2)
+    assert [len(c) for c in comps] == [4, 4]
+    assert [p for c in comps for p in c] == list(model.parameters())
+    assert len(lsfused.components.by_layers(model, 10)) == 4
+    with pytest.raises(ValueError, match="positive integer"):
+        lsfused.components.by_layers(model, 0)
+
+
+class FakeBert(nn.Module):
+    """Parameter names as in Hugging Face's BertForSequenceClassification."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.embeddings = nn.Linear(2, 2)
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList(nn.Linear(2, 2) for _ in range(depth))
+        self.bert.pooler = nn.Linear(2, 2)
+        self.classifier = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    "depth, parts",
+    [
+        (12, [[0, 1], [2], [3, 4], [5], [6, 7], [8], [9, 10], [11]]),
+        (6, [[0], [1], [2], [3], [4], [5]]),
+        (24, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20], [21, 22, 23]]),
+    ],
+)
+def test_bert_components(depth, parts):
+    model = FakeBert(depth)
+    comps = lsfused.components.bert_components(model)
+    layer_params = {id(p): i for i, layer in enumerate(model.bert.encoder.layer) for p in layer.parameters()}
+    assert comps[0] == list(model.bert.embeddings.parameters())
+    got = [sorted({layer_params[id(p)] for p in c}) for c in comps[1:-1]]
+    assert got == parts
+    assert comps[-1] == [*model.bert.pooler.parameters(), *model.classifier.parameters()]
+
+
+def test_bert_components_rejects_other_models():
+    with pytest.raises(ValueError, match="not a BERT-style model"):
+        lsfused.components.bert_components(mlp())
