@@ -15,7 +15,8 @@ def _demo(args: argparse.Namespace) -> int:
     optimizers = tuple(o.strip().lower() for o in args.optimizers.split(",") if o.strip())
     results = demo.run_digits(optimizers, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     print()
-    print(f"digits (scikit-learn, 8x8 images, 10 classes), {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}")
+    setting = f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}"
+    print(f"digits (scikit-learn, 8x8 images, 10 classes), {setting}")
     print(demo.format_table(results))
     return 0
 
@@ -25,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train a network with Adam and the line-search optimizers, side by side")
     p.add_argument("--task", choices=["digits"], default="digits", help="which demo to run")
-    p.add_argument("--optimizers", default=",".join(("adam", "adamsls", "plasls", "salsa")),
-                   help="comma-separated list from adam, adamsls, plasls, salsa, sgdsls")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(("adam", "adamsls", "plasls", "salsa")),
+        help="comma-separated list from adam, adamsls, plasls, salsa, sgdsls",
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -39,9 +39,7 @@ def by_layers(model: nn.Module, n: int) -> list[list[Tensor]]:
     done = 0
     for i, block in enumerate(blocks):
         remaining_blocks = len(blocks) - i
-        need_new = comps[-1] and (
-            done >= total * len(comps) / n or remaining_blocks <= n - len(comps)
-        )
+        need_new = comps[-1] and (done >= total * len(comps) / n or remaining_blocks <= n - len(comps))
         if need_new and len(comps) < n:
             comps.append([])
         comps[-1].extend(block)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket
-from lsfused.reference import HP_COLUMNS, MODE_ADAM, MODE_SGD, NORM_COLUMNS
+from lsfused.reference import HP_COLUMNS, MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
 
@@ -115,7 +115,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_initialized", False):
-            raise RuntimeError("lsfused optimizers keep parameters in flat buffers: pass every param group at construction")
+            raise RuntimeError(
+                "lsfused optimizers keep parameters in flat buffers: pass every param group at construction"
+            )
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         unique, seen = [], set()
@@ -141,7 +143,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     )
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
-                raise ValueError(f"param group {i} mixes devices {sorted(map(str, devices))}; put each in its own group")
+                raise ValueError(
+                    f"param group {i} mixes devices {sorted(map(str, devices))}; put each in its own group"
+                )
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError("lsfused optimizers do not support complex parameters")
@@ -199,7 +203,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         k = self._step_count + 1
         sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
         for b in self._buckets:
-            part = self._ops.direction_and_norms(b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.ranges, self._hp(b, k), self._mode)
+            part = self._ops.direction_and_norms(
+                b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.ranges, self._hp(b, k), self._mode
+            )
             sums[b.groups] += part.cpu()
         return sums
 
@@ -404,7 +410,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             if st is None or set(st) != expected_keys:
-                raise ValueError(f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})")
+                raise ValueError(
+                    f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})"
+                )
             for key, t in st.items():
                 if not isinstance(t, Tensor) or t.shape != p.shape:
                     raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape")
