@@ -117,6 +117,7 @@ def train(
                 opt.step()
                 calls += 1
                 step_sizes.append([group["lr"] for group in opt.param_groups])
+                loss = loss.detach()
                 postfix = {"loss": f"{float(loss):.4f}"}
             losses.append(float(loss))
             steps += 1
