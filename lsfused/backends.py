@@ -1,25 +1,35 @@
 """Backend selection: which implementation of the fused ops an optimizer uses.
 
-``auto`` picks the fastest available backend silently; an explicitly requested backend that is unavailable raises
-with the reason. The environment variable ``LSFUSED_BACKEND`` overrides ``auto``.
+``auto`` picks the fastest available backend for the parameters' device silently (``LSFUSED_BACKEND`` overrides
+it); an explicitly requested backend that is unavailable raises with the reason.
 """
 
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
-from lsfused import reference
+import torch
+from torch import Tensor
 
-# name -> (module implementing the ops, or None; reason it is unavailable, or None)
-_REGISTRY: dict[str, tuple[ModuleType | None, str | None]] = {"torch": (reference, None)}
-# Preference order for ``auto``.
-_AUTO_ORDER = ("torch",)
+from lsfused import _ops
+
+# Preference order of ``auto`` per device type. Triton on CPU runs only in its (slow) interpreter: never auto there.
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+
+
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return f"triton cannot be imported ({type(err).__name__}: {err})"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run its kernels in the interpreter)"
 
 
 def backends() -> dict[str, str | None]:
     """Map each known backend to ``None`` when it is available, else to the reason it is not."""
-    return {name: reason for name, (_, reason) in _REGISTRY.items()}
+    return {"torch": None, "triton": _triton_reason()}
 
 
 def available_backends() -> list[str]:
@@ -27,18 +37,39 @@ def available_backends() -> list[str]:
     return [name for name, reason in backends().items() if reason is None]
 
 
-def resolve(name: str) -> tuple[str, ModuleType]:
-    """Return ``(name, module)`` for a backend name, resolving ``auto`` (and ``LSFUSED_BACKEND``)."""
+class Backend:
+    """The fused ops bound to one backend (what an optimizer calls)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int) -> Tensor:
+        return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
+
+    def trial_step(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
+        _ops.trial_step(w, w0, d, ranges, eta, self.name)
+
+    def restore(self, w: Tensor, w0: Tensor, ranges: list[int]) -> None:
+        _ops.restore(w, w0, ranges, self.name)
+
+    @staticmethod
+    def nonfinite_count(g: Tensor) -> int:
+        return int((~torch.isfinite(g)).sum())
+
+
+def resolve(name: str, device: torch.device | None = None) -> Backend:
+    """The backend for ``name`` (``auto``: the best available for ``device``, or ``LSFUSED_BACKEND``)."""
+    known = backends()
     if name == "auto":
         name = os.environ.get("LSFUSED_BACKEND", "auto")
         if name == "auto":
-            for candidate in _AUTO_ORDER:
-                module, reason = _REGISTRY[candidate]
-                if reason is None:
-                    return candidate, module
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; available backends: {', '.join(['auto', *available_backends()])}")
-    module, reason = _REGISTRY[name]
-    if reason is not None:
-        raise ValueError(f"backend {name!r} is unavailable: {reason}")
-    return name, module
+            device_type = device.type if device is not None else "cpu"
+            for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+                if known[candidate] is None:
+                    return Backend(candidate)
+    if name not in known:
+        available = ", ".join(["auto", *available_backends()])
+        raise ValueError(f"unknown backend {name!r}; available backends: {available}")
+    if known[name] is not None:
+        raise ValueError(f"backend {name!r} is unavailable: {known[name]}")
+    return Backend(name)

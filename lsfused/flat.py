@@ -60,6 +60,7 @@ class FlatBucket:
             else:
                 self.groups.append(gi)
                 self.ranges.append((a, b))
+        self.flat_ranges = [x for rng in self.ranges for x in rng]
 
     @property
     def numel(self) -> int:

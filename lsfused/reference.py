@@ -1,7 +1,8 @@
 """Pure-torch reference implementations of the fused ops (the ``torch`` backend).
 
-Every other backend must match these. All ops work on the flat buffers of one bucket (see ``lsfused.flat``) over a
-list of ``ranges``: ``[(start, end), ...]`` offsets into the flat buffers, one per param group present in the bucket.
+Every other backend must match these. All ops work on the flat buffers of one bucket (see ``lsfused.flat``) over
+``ranges``, a flat list ``[start0, end0, start1, end1, ...]`` of offsets into the buffers, one pair per param group
+present in the bucket. Per-range hyperparameters come as a flat list of ``len(HP_COLUMNS)`` floats per range.
 
 Elementwise math is done in the state dtype (float32 for fp32/bf16/fp16 parameters, float64 for float64 ones),
 in this order, which all backends follow (P is the Adam preconditioner)::
@@ -33,6 +34,11 @@ MODE_SGD = 0
 MODE_ADAM = 1
 
 
+def pairs(ranges: list[int]) -> list[tuple[int, int]]:
+    """``[a0, b0, a1, b1, ...]`` -> ``[(a0, b0), (a1, b1), ...]``."""
+    return list(zip(ranges[0::2], ranges[1::2], strict=True))
+
+
 def direction_and_norms(
     g: Tensor,
     w: Tensor,
@@ -41,14 +47,16 @@ def direction_and_norms(
     v: Tensor | None,
     m: Tensor | None,
     dm: Tensor | None,
-    ranges: list[tuple[int, int]],
-    hp: Tensor,
+    ranges: list[int],
+    hp: list[float],
     mode: int,
 ) -> Tensor:
     """Pass A: update the moments, write the direction(s) and the snapshot, return float64 sums ``[R, 5]``."""
-    out = torch.zeros(len(ranges), len(NORM_COLUMNS), dtype=torch.float64)
-    for r, ((a, b), row) in enumerate(zip(ranges, hp.tolist(), strict=True)):
-        b1, b2, eps, bc1, sqrt_bc2, wd_scale = row
+    spans = pairs(ranges)
+    out = torch.zeros(len(spans), len(NORM_COLUMNS), dtype=torch.float64, device=g.device)
+    width = len(HP_COLUMNS)
+    for r, (a, b) in enumerate(spans):
+        b1, b2, eps, bc1, sqrt_bc2, wd_scale = hp[r * width : (r + 1) * width]
         gr = g[a:b].to(d.dtype)
         if wd_scale == 1.0:
             w0[a:b].copy_(w[a:b])
@@ -58,7 +66,7 @@ def direction_and_norms(
         if mode == MODE_SGD:
             torch.neg(gr, out=d[a:b])
             s = g64 * g64
-            gdm = torch.zeros((), dtype=torch.float64)
+            gdm = 0.0
         else:
             if m is not None:
                 m[a:b].mul_(b1).add_(gr, alpha=1.0 - b1)
@@ -71,7 +79,7 @@ def direction_and_norms(
                 torch.div(src / bc1, denom, out=dm[a:b]).neg_()
                 gdm = (g64 * dm[a:b].double()).sum()
             else:
-                gdm = torch.zeros((), dtype=torch.float64)
+                gdm = 0.0
         d64 = d[a:b].double()
         out[r, 0] = s.sum()
         out[r, 1] = (g64 * g64).sum()
@@ -81,22 +89,18 @@ def direction_and_norms(
     return out
 
 
-def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[tuple[int, int]], eta: Tensor) -> None:
+def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
     """Pass B: ``w[r] = w0[r] + eta[r]*d[r]`` for each listed range, in the state dtype, cast on store.
 
-    ``eta`` is a float64 tensor with one entry per range; it is rounded to the state dtype before the multiply.
+    ``eta`` is a float64 tensor on the buffers' device with one entry per range; it is rounded to the state dtype
+    before the multiply.
     """
     eta_s = eta.to(device=d.device, dtype=d.dtype)
-    for r, (a, b) in enumerate(ranges):
+    for r, (a, b) in enumerate(pairs(ranges)):
         w[a:b].copy_(torch.addcmul(w0[a:b], eta_s[r], d[a:b]))
 
 
-def restore(w: Tensor, w0: Tensor, ranges: list[tuple[int, int]]) -> None:
+def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
     """Revert: ``w[r] = w0[r]`` (bit-exact: w0 holds w exactly)."""
-    for a, b in ranges:
+    for a, b in pairs(ranges):
         w[a:b].copy_(w0[a:b])
-
-
-def nonfinite_count(g: Tensor) -> int:
-    """Number of non-finite gradient entries (0 means the step may proceed)."""
-    return int((~torch.isfinite(g)).sum())

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket
-from lsfused.reference import HP_COLUMNS, MODE_ADAM, NORM_COLUMNS
+from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
 
@@ -100,13 +100,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._initialized = False
         super().__init__(params, defaults)
         self._check_groups()
-        self.backend, self._ops = resolve_backend(backend)
         self.deterministic_closure = deterministic_closure
         self._step_count = 0
         self._seed = int(torch.initial_seed()) % (2**62)
         self.last_step: StepRecord | None = None
         for group in self.param_groups:
             group.setdefault("step_size", float(group["init_step_size"]))
+        self._ops = resolve_backend(backend, self.param_groups[0]["params"][0].device)
+        self.backend = self._ops.name
         self._buckets = self._build_buckets()
         self._bind_state()
         self._initialized = True
@@ -186,17 +187,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def n_groups(self) -> int:
         return len(self.param_groups)
 
-    def _hp(self, bucket: FlatBucket, k: int) -> Tensor:
-        """Per-range hyperparameters (see ``reference.HP_COLUMNS``) for Adam step ``k``."""
-        rows = []
+    def _hp(self, bucket: FlatBucket, k: int) -> list[float]:
+        """Per-range hyperparameters (see ``reference.HP_COLUMNS``) for Adam step ``k``, flattened."""
+        rows: list[float] = []
         for gi in bucket.groups:
             group = self.param_groups[gi]
             b1, b2 = group.get("betas", (0.0, 0.0))
             wd = group.get("weight_decay", 0.0)
-            rows.append(
-                [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * group["step_size"]]
-            )
-        return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(HP_COLUMNS))
+            rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * group["step_size"]]
+        return rows
 
     def _pass_a(self) -> Tensor:
         """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``."""
@@ -204,7 +203,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
         for b in self._buckets:
             part = self._ops.direction_and_norms(
-                b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.ranges, self._hp(b, k), self._mode
+                b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode
             )
             sums[b.groups] += part.cpu()
         return sums
@@ -214,14 +213,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for b in self._buckets:
             sel = [r for r, gi in enumerate(b.groups) if gi in eta]
             if sel:
-                etas = torch.tensor([eta[b.groups[r]] for r in sel], dtype=torch.float64)
-                self._ops.trial_step(b.w, b.w0, getattr(b, direction), [b.ranges[r] for r in sel], etas)
+                etas = torch.tensor([eta[b.groups[r]] for r in sel], dtype=torch.float64).to(
+                    b.device, non_blocking=True
+                )
+                self._ops.trial_step(b.w, b.w0, getattr(b, direction), [x for r in sel for x in b.ranges[r]], etas)
 
     def _restore(self, groups: Iterable[int] | None = None) -> None:
         """``w = w0`` over the given param groups (all when None)."""
         wanted = None if groups is None else set(groups)
         for b in self._buckets:
-            sel = [rng for rng, gi in zip(b.ranges, b.groups, strict=True) if wanted is None or gi in wanted]
+            sel = [x for rng, gi in zip(b.ranges, b.groups, strict=True) if wanted is None or gi in wanted for x in rng]
             if sel:
                 self._ops.restore(b.w, b.w0, sel)
 
@@ -337,7 +338,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             closure_calls=self._calls[0],
             merged=merged,
         )
-        return loss
+        return loss.detach()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat grad buffers. Grads stay allocated as views of them whatever ``set_to_none`` says, so

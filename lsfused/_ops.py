@@ -1,0 +1,71 @@
+"""The fused ops, declared once with ``torch.library``; each backend supplies one implementation.
+
+``backend`` is an argument of every op, so the same op (and its fake implementation for ``torch.compile`` and
+``opcheck``) serves every backend; the registered kernel forwards to that backend's module. Backend modules
+implement ``direction_and_norms``, ``trial_step`` and ``restore`` with the signatures of ``lsfused.reference``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from lsfused.reference import NORM_COLUMNS
+
+# backend name -> module path (imported on first use, so an optional dependency never breaks import)
+IMPLEMENTATIONS = {"torch": "lsfused.reference", "triton": "lsfused.ops.triton_kernels"}
+
+
+def implementation(backend: str) -> ModuleType:
+    try:
+        return importlib.import_module(IMPLEMENTATIONS[backend])
+    except KeyError:
+        raise ValueError(f"no implementation of the lsfused ops for backend {backend!r}") from None
+
+
+@torch.library.custom_op("lsfused::direction_and_norms", mutates_args=("w0", "d", "v", "m", "dm"))
+def direction_and_norms(
+    g: Tensor,
+    w: Tensor,
+    w0: Tensor,
+    d: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    dm: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    mode: int,
+    backend: str,
+) -> Tensor:
+    """Pass A over ``ranges``: moments, direction(s), snapshot; float64 sums per range ``[R, 5]``."""
+    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode)
+
+
+@direction_and_norms.register_fake
+def _(g, w, w0, d, v, m, dm, ranges, hp, mode, backend):
+    return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
+
+
+@torch.library.custom_op("lsfused::trial_step", mutates_args=("w",))
+def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor, backend: str) -> None:
+    """Pass B: ``w = w0 + eta[r]*d`` over each range; ``eta`` is a float64 device tensor, one entry per range."""
+    implementation(backend).trial_step(w, w0, d, ranges, eta)
+
+
+@trial_step.register_fake
+def _(w, w0, d, ranges, eta, backend):
+    return None
+
+
+@torch.library.custom_op("lsfused::restore", mutates_args=("w",))
+def restore(w: Tensor, w0: Tensor, ranges: list[int], backend: str) -> None:
+    """Revert: ``w = w0`` over each range, bit-exact."""
+    implementation(backend).restore(w, w0, ranges)
+
+
+@restore.register_fake
+def _(w, w0, ranges, backend):
+    return None
