@@ -16,7 +16,7 @@ from torch import Tensor
 from lsfused.reference import NORM_COLUMNS
 
 # backend name -> module path (imported on first use, so an optional dependency never breaks import)
-IMPLEMENTATIONS = {"torch": "lsfused.reference", "triton": "lsfused.ops.triton_kernels"}
+IMPLEMENTATIONS = {"torch": "lsfused.reference", "triton": "lsfused.kernels.triton_ops"}
 
 
 def implementation(backend: str) -> ModuleType:
@@ -37,15 +37,18 @@ def direction_and_norms(
     dm: Tensor | None,
     ranges: list[int],
     hp: list[float],
-    mode: int,
+    kind: int,
     backend: str,
 ) -> Tensor:
-    """Pass A over ``ranges``: moments, direction(s), snapshot; float64 sums per range ``[R, 5]``."""
-    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode)
+    """Pass A over ``ranges``: moments, direction(s), snapshot; float64 sums per range ``[R, 5]``.
+
+    ``kind`` is ``reference.MODE_SGD`` or ``reference.MODE_ADAM``.
+    """
+    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind)
 
 
 @direction_and_norms.register_fake
-def _(g, w, w0, d, v, m, dm, ranges, hp, mode, backend):
+def _(g, w, w0, d, v, m, dm, ranges, hp, kind, backend):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 
