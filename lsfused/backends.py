@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor
 
-from lsfused import _ops
+from lsfused import _ops, reference
 
 # Preference order of ``auto`` per device type. Triton on CPU runs only in its (slow) interpreter: never auto there.
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
@@ -55,6 +55,11 @@ class Backend:
     @staticmethod
     def nonfinite_count(g: Tensor) -> int:
         return int((~torch.isfinite(g)).sum())
+
+    @staticmethod
+    def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
+        """A companion reduction shared by every backend: see ``reference.absorbed_counts``."""
+        return reference.absorbed_counts(w, w0, d, ranges)
 
 
 def resolve(name: str, device: torch.device | None = None) -> Backend:

@@ -21,6 +21,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lsfused import diagnostics
+
+    out = Path(args.out)
+    if args.from_file:
+        rows = diagnostics.Recorder.load(args.from_file)
+        title = f"recorded: {args.from_file}"
+    else:
+        rows = diagnostics.run(
+            optimizer=args.optimizer,
+            armijo=args.armijo,
+            epochs=args.epochs,
+            model=args.model,
+            script=args.script,
+            seed=args.seed,
+            record_path=out / "diagnostics.jsonl",
+        )
+        title = f"{args.optimizer}, armijo={args.armijo}, {args.epochs} epochs"
+    print(diagnostics.report(rows, out, title))
+    print(f"wrote {out / 'diagnostics.png'} and {out / 'summary.txt'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lsfused", description="Fused stochastic line-search optimizers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+    d = sub.add_parser("diagnose", help="record every line-search decision of a short training and report precision")
+    d.add_argument("--optimizer", default="plasls", help="plasls (one component per tensor), adamsls, sgdsls, salsa")
+    d.add_argument("--armijo", choices=["noise_aware", "classic"], default="noise_aware")
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--model", choices=["mlp", "linear"], default="mlp", help="the digits model (default data)")
+    d.add_argument("--script", help="a Python file defining setup() -> (model, batches, loss_fn)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="lsfused_out/diagnose", help="directory for the report")
+    d.add_argument("--from", dest="from_file", help="redraw the report from a recorded diagnostics.jsonl")
+    d.set_defaults(func=_diagnose)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

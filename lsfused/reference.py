@@ -119,3 +119,15 @@ def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
     """Revert: ``w[r] = w0[r]`` (bit-exact: w0 holds w exactly)."""
     for a, b in pairs(ranges):
         w[a:b].copy_(w0[a:b])
+
+
+def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
+    """Per range, float64 ``[moving, absorbed]``: elements with ``d != 0``, and those of them where the trial left
+    the stored parameter unchanged (``|eta*d|`` below half an ulp of ``w0`` in the parameter's dtype)."""
+    spans = pairs(ranges)
+    out = torch.zeros(len(spans), 2, dtype=torch.float64, device=w.device)
+    for r, (a, b) in enumerate(spans):
+        moving = d[a:b] != 0
+        out[r, 0] = moving.sum()
+        out[r, 1] = (moving & (w[a:b] == w0[a:b].to(w.dtype))).sum()
+    return out

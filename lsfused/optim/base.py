@@ -16,7 +16,10 @@ from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
 
-OUTCOMES = ("accepted", "failed", "skipped")
+OUTCOMES = ("accepted", "failed", "skipped", "unresolvable")
+ARMIJO_TESTS = ("noise_aware", "classic")
+#: absorbed fraction at or above which smaller steps cannot change the network
+ABSORBED_STOP = 0.999
 _STATE_VERSION = 1
 
 
@@ -31,10 +34,14 @@ class StepRecord:
         step_sizes: step size of every param group after the step (PLASLS: merged components share one value).
         searched: indices of the param groups whose step size was line-searched in this step.
         trials: number of trial points evaluated.
-        outcome: ``"accepted"``, ``"failed"`` (no trial passed within ``max_backtracks``) or ``"skipped"``
-            (no line search ran: zero decrease term, or a SaLSa speed-up step).
-        closure_calls: closure evaluations in this step (the gradient evaluation plus the trials).
+        outcome: ``"accepted"``, ``"failed"`` (no trial passed within ``max_backtracks``), ``"skipped"``
+            (no line search ran: zero decrease term, or a SaLSa speed-up step) or ``"unresolvable"`` (noise-aware
+            test: the trial could not be judged, see ``reason``).
+        closure_calls: closure evaluations in this step (the gradient evaluation, an optional noise estimate and
+            the trials).
         merged: for PLASLS, the pair of component indices merged after this step, else None.
+        reason: for ``"unresolvable"``: ``"noise"`` (predicted decrease and measured difference both below the
+            rounding bound) or ``"absorbed"`` (the update is absorbed by rounding), else None.
     """
 
     step: int
@@ -46,6 +53,7 @@ class StepRecord:
     outcome: str
     closure_calls: int
     merged: tuple[int, int] | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -54,6 +62,15 @@ class SearchResult:
     eta: float
     trials: int
     trial_loss: float | None
+    reason: str | None = None
+
+
+def loss_ulp(value: float, dtype: torch.dtype) -> float:
+    """One ulp of ``value`` in ``dtype`` (the spacing of representable losses there)."""
+    if not dtype.is_floating_point:
+        return 0.0
+    t = torch.tensor(abs(value), dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)) - t)
 
 
 def check_loss(value: Any, where: str) -> float:
@@ -94,9 +111,27 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     _search_keys: tuple[str, ...] = ()
     _mode: int = MODE_ADAM
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str, deterministic_closure: bool):
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        backend: str,
+        deterministic_closure: bool,
+        armijo: str = "noise_aware",
+        estimate_noise: bool = False,
+    ):
         if not isinstance(deterministic_closure, bool):
             raise ValueError(f"deterministic_closure must be a bool, got {deterministic_closure!r}")
+        if armijo not in ARMIJO_TESTS:
+            raise ValueError(f"armijo must be one of {ARMIJO_TESTS}, got {armijo!r}")
+        if not isinstance(estimate_noise, bool):
+            raise ValueError(f"estimate_noise must be a bool, got {estimate_noise!r}")
+        self.armijo = armijo
+        self.estimate_noise = estimate_noise
+        self._recorder = None
+        self._noise = 0.0
+        self._loss_dtype = torch.float32
         self._initialized = False
         super().__init__(params, defaults)
         self._check_groups()
@@ -233,23 +268,66 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         groups: list[int],
         eta0: float,
         decrease: Callable[[float, float], bool],
+        predicted: Callable[[float], float],
         shrink: float,
         max_trials: int,
         direction: str = "d",
     ) -> SearchResult:
         """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` until ``decrease(eta, f_trial)`` holds.
 
-        A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried.
+        A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried. With
+        ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
+        shrinking eta further.
         """
         eta, ft = eta0, None
         for t in range(1, max_trials + 1):
             self._apply(dict.fromkeys(groups, eta), direction)
             ft = check_loss(run(), "at a trial point")
-            if math.isfinite(ft) and decrease(eta, ft):
+            ok = math.isfinite(ft) and decrease(eta, ft)
+            reason = None
+            if not ok and self.armijo == "noise_aware":
+                reason = self._unresolvable(f0, ft, predicted(eta), groups, direction)
+            if self._recorder is not None:
+                self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction)
+            if ok:
                 return SearchResult("accepted", eta, t, ft)
+            if reason is not None:
+                return SearchResult("unresolvable", eta, t, ft, reason)
             if t < max_trials:
                 eta *= shrink
         return SearchResult("failed", eta, max_trials, ft)
+
+    def rounding_bound(self, f0: float, ft: float) -> float:
+        """The smallest loss difference this step can resolve: one ulp of the larger loss in the closure's dtype,
+        or the measured evaluation noise (``estimate_noise=True``) when that is larger."""
+        scale = max(abs(f0), abs(ft)) if math.isfinite(ft) else abs(f0)
+        return max(loss_ulp(scale, self._loss_dtype), self._noise)
+
+    def absorbed_fraction(self, groups: Iterable[int], direction: str = "d") -> float:
+        """Fraction of the moving elements (``dir != 0``) of ``groups`` that the current trial left unchanged."""
+        wanted, moving, absorbed = set(groups), 0.0, 0.0
+        for b in self._buckets:
+            sel = [x for rng, gi in zip(b.ranges, b.groups, strict=True) if gi in wanted for x in rng]
+            if sel:
+                counts = self._ops.absorbed_counts(b.w, b.w0, getattr(b, direction), sel).sum(0).tolist()
+                moving, absorbed = moving + counts[0], absorbed + counts[1]
+        return absorbed / moving if moving else 1.0
+
+    def _unresolvable(self, f0: float, ft: float, pred: float, groups: list[int], direction: str) -> str | None:
+        """Why a rejected trial cannot be judged, or None when the rejection is real.
+
+        ``"noise"``: the predicted decrease ``c*eta*s`` and the measured ``|f(trial) - f(w0)|`` are both within the
+        rounding bound, so the comparison is decided by rounding, not by the loss. ``"absorbed"``: (nearly) every
+        element's update is absorbed by rounding, so smaller steps cannot change the network.
+        """
+        if not math.isfinite(ft):
+            return None
+        bound = self.rounding_bound(f0, ft)
+        if pred <= bound and abs(ft - f0) <= bound:
+            return "noise"
+        if self.absorbed_fraction(groups, direction) >= ABSORBED_STOP:
+            return "absorbed"
+        return None
 
     # ------------------------------------------------------------------ step
 
@@ -323,8 +401,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             bad = self._ops.nonfinite_count(b.g)
             if bad:
                 raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
+        self._loss_dtype = loss.dtype
+        self._noise = 0.0
+        if self.estimate_noise:
+            # A repeated evaluation at w0 measures the closure's evaluation noise (nondeterministic kernels).
+            repeat = check_loss(run(), "at the starting point (noise estimate)")
+            self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
         # From here on the state changes.
         sums = self._pass_a()
+        if self._recorder is not None:
+            self._recorder.begin_step(self, f0, sums)
         result, searched, merged = self._search(run, f0, sums)
         self._step_count += 1
         self.last_step = StepRecord(
@@ -337,7 +423,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             outcome=result.outcome,
             closure_calls=self._calls[0],
             merged=merged,
+            reason=result.reason,
         )
+        if self._recorder is not None:
+            self._recorder.end_step(self, self.last_step)
         return loss.detach()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

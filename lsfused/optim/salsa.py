@@ -35,6 +35,10 @@ class SaLSa(LineSearchOptimizer):
       last one tried (outcome ``"failed"``), as in the authors' code.
 
     The EMAs are not bias-corrected (the authors' code). An accepted search keeps the trial point as the update.
+    With ``armijo="noise_aware"`` (default) a rejected trial whose instantaneous predicted decrease ``c*eta*s_k``
+    and measured difference are both within the loss's rounding bound, or whose update is absorbed by rounding,
+    ends the search as ``"unresolvable"``: w0 and the current step size are kept (see :class:`lsfused.SGDSLS`);
+    ``armijo="classic"`` never does this.
 
     Args:
         params: parameters or param groups; search hyperparameters must match across groups, ``betas``, ``eps``
@@ -45,6 +49,7 @@ class SaLSa(LineSearchOptimizer):
         True), weight_decay (float, default 0.0), deterministic_closure (bool, default True),
         backend (str, default "auto"): as described above.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False): as in :class:`lsfused.SGDSLS`.
     """
 
     _mode = MODE_ADAM
@@ -75,6 +80,8 @@ class SaLSa(LineSearchOptimizer):
         deterministic_closure: bool = True,
         backend: str = "auto",
         eps: float = 1e-8,
+        armijo: str = "noise_aware",
+        estimate_noise: bool = False,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -89,8 +96,15 @@ class SaLSa(LineSearchOptimizer):
             speed_up=speed_up,
             weight_decay=weight_decay,
         )
-        self._smoothed = {"G": 0.0, "D": 0.0, "fast": 1e-8, "slow": 1e-8, "since_search": 0}
-        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+        self._smoothed = {"G": 0.0, "D": 0.0, "fast": 1e-8, "slow": 1e-8, "since_search": 0, "s_now": 0.0}
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            deterministic_closure=deterministic_closure,
+            armijo=armijo,
+            estimate_noise=estimate_noise,
+        )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _positive("init_step_size", group["init_step_size"])
@@ -134,6 +148,7 @@ class SaLSa(LineSearchOptimizer):
             # s = -g·d for the chosen direction: sum(g*g*P), or sum(g*m_hat*P) = -g·dm
             s = -float(sums[:, 4].sum()) if g0["use_momentum_direction"] else float(sums[:, 0].sum())
             st["G"] = a * st["G"] + (1.0 - a) * s
+            st["s_now"] = s
             search = f0 >= _GATE and st["G"] >= _GATE
         if not search:
             self._apply(dict.fromkeys(groups, eta0), "dm")
@@ -152,9 +167,25 @@ class SaLSa(LineSearchOptimizer):
             return False
 
         direction = "dm" if g0["use_momentum_direction"] else "d"
-        result = self._armijo(run, f0, list(groups), eta0, decrease, g0["shrink"], g0["max_backtracks"], direction)
+        s_now = st["s_now"]
+        result = self._armijo(
+            run,
+            f0,
+            list(groups),
+            eta0,
+            decrease,
+            lambda eta: c * eta * s_now,
+            g0["shrink"],
+            g0["max_backtracks"],
+            direction,
+        )
         if accepted_D:
             st["D"] = accepted_D[-1]
+        if result.outcome == "unresolvable":
+            self._restore()  # keep w0 and the current step size; the EMAs are left as they are
+            for group in self.param_groups:
+                group["step_size"] = result.eta
+            return result, groups, None
         eta = result.eta if result.outcome == "accepted" else result.eta * g0["shrink"]
         for group in self.param_groups:
             group["step_size"] = eta

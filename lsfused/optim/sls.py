@@ -35,11 +35,11 @@ class _ArmijoSLS(LineSearchOptimizer):
 
     _search_keys = ("c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "on_failure", "init_step_size")
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str, deterministic_closure: bool):
+    def __init__(self, params: Iterable, defaults: dict[str, Any], **options: Any):
         # PLASLS state (a single component holding every group for SGDSLS/AdamSLS).
         self.components: list[list[int]] = []
         self._cursor = 0
-        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+        super().__init__(params, defaults, **options)
         self.components = [list(range(self.n_groups))]
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -97,6 +97,7 @@ class _ArmijoSLS(LineSearchOptimizer):
             searched,
             eta0,
             lambda eta, ft: ft <= f0 - c * eta * s_searched,
+            lambda eta: c * eta * s_searched,
             g0["beta_b"],
             g0["max_backtracks"],
         )
@@ -107,6 +108,13 @@ class _ArmijoSLS(LineSearchOptimizer):
             if final_dir != "d" or not moved_all:
                 # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
                 self._apply({i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}, final_dir)
+        elif result.outcome == "unresolvable":
+            # The searched part keeps w0 (a decision that cannot be measured does not move the weights); the
+            # other components, if any, take their step.
+            self._restore(searched)
+            others = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups) if i not in searched}
+            if others:
+                self._apply(others, final_dir)
         elif g0["on_failure"] == "revert":
             self._restore(searched)
         merged = self._after_search(len(searched) == self.n_groups)
@@ -150,6 +158,16 @@ class SGDSLS(_ArmijoSLS):
         deterministic_closure (bool, default True): run every closure call of a step under the same RNG seed
             (derived from the step counter), restoring the caller's RNG state afterwards.
         backend (str, default "auto"): fused-op backend (see ``lsfused.backends()``).
+        armijo (str, default "noise_aware"): ``"classic"`` is the paper's test, bit for bit. ``"noise_aware"``
+            accepts exactly what the classic test accepts, but when a trial is rejected and it cannot be judged
+            (the predicted decrease ``c*eta*s`` and the measured ``|f(trial) - f(w0)|`` are both within the
+            rounding bound of the loss, or (nearly) all of the update is absorbed by rounding), backtracking stops:
+            the step is recorded as ``"unresolvable"``, the step size is not shrunk further, and the searched
+            parameters keep ``w0``. Keeping ``w0`` is the conservative choice: a decision that the loss cannot
+            measure should not move the weights, and the next step (with Eq. 2's growth) starts from a step size
+            whose decrease may be measurable, instead of collapsing eta toward 0 (the paper's Fig. 1).
+        estimate_noise (bool, default False): evaluate the closure once more at ``w0`` per step and use the
+            difference as the evaluation noise (for nondeterministic kernels) in the rounding bound.
     """
 
     _mode = MODE_SGD
@@ -166,6 +184,8 @@ class SGDSLS(_ArmijoSLS):
         on_failure: str = "revert",
         deterministic_closure: bool = True,
         backend: str = "auto",
+        armijo: str = "noise_aware",
+        estimate_noise: bool = False,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -176,7 +196,14 @@ class SGDSLS(_ArmijoSLS):
             max_backtracks=max_backtracks,
             on_failure=on_failure,
         )
-        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            deterministic_closure=deterministic_closure,
+            armijo=armijo,
+            estimate_noise=estimate_noise,
+        )
 
 
 class AdamSLS(_ArmijoSLS):
@@ -199,8 +226,8 @@ class AdamSLS(_ArmijoSLS):
             share one step size); ``betas`` and ``eps`` may differ per group.
         init_step_size (float, default 0.1), c (float, default 0.1), beta_b (float, default 0.9),
         gamma (float, default 2.0), n_batches_per_epoch (int, default 500), max_backtracks (int, default 100),
-        on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"):
-            as in :class:`SGDSLS`.
+        on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"),
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False): as in :class:`SGDSLS`.
         betas (tuple, default (0.0, 0.999)): Adam's beta1, beta2.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
     """
@@ -221,6 +248,8 @@ class AdamSLS(_ArmijoSLS):
         on_failure: str = "revert",
         deterministic_closure: bool = True,
         backend: str = "auto",
+        armijo: str = "noise_aware",
+        estimate_noise: bool = False,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -233,7 +262,14 @@ class AdamSLS(_ArmijoSLS):
             max_backtracks=max_backtracks,
             on_failure=on_failure,
         )
-        super().__init__(params, defaults, backend=backend, deterministic_closure=deterministic_closure)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            deterministic_closure=deterministic_closure,
+            armijo=armijo,
+            estimate_noise=estimate_noise,
+        )
 
     def _needs(self) -> tuple[bool, bool, bool]:
         return True, self._has_momentum, self._has_momentum
@@ -281,6 +317,8 @@ class PLASLS(AdamSLS):
         on_failure: str = "revert",
         deterministic_closure: bool = True,
         backend: str = "auto",
+        armijo: str = "noise_aware",
+        estimate_noise: bool = False,
         merge_threshold: float = 1e-12,
         schedule: str = "cyclic",
         full_search_steps: int = 1,
@@ -318,6 +356,8 @@ class PLASLS(AdamSLS):
             on_failure=on_failure,
             deterministic_closure=deterministic_closure,
             backend=backend,
+            armijo=armijo,
+            estimate_noise=estimate_noise,
         )
         self.components = [[i] for i in range(self.n_groups)]
 
