@@ -39,7 +39,7 @@ def _diagnose(args: argparse.Namespace) -> int:
             script=args.script,
             seed=args.seed,
             record_path=out / "diagnostics.jsonl",
-        )
+        ).rows
         title = f"{args.optimizer}, armijo={args.armijo}, {args.epochs} epochs"
     print(diagnostics.report(rows, out, title))
     print(f"wrote {out / 'diagnostics.png'} and {out / 'summary.txt'}")

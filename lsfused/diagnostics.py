@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
                 ys.append(t["margin"])
                 colors.append("tab:green" if t["accepted"] else "tab:red")
     ax.scatter(xs, ys, c=colors, s=6)
-    ax.axhspan(-1, 1, color="0.85", label="noise floor (|margin| <= 1)")
+    ax.axhspan(-1, 1, color="0.85", label="noise floor (|margin| <= 1)", zorder=0)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylabel("margin / bound")
     ax.legend(fontsize=7)
@@ -328,6 +329,17 @@ def make_optimizer(name: str, model, armijo: str):
     return classes[name](params, armijo=armijo)
 
 
+@dataclass
+class DiagnoseRun:
+    """What :func:`run` trained and recorded."""
+
+    rows: list[dict[str, Any]]
+    model: Any
+    optimizer: Any
+    batches: list
+    loss_fn: Any
+
+
 def run(
     optimizer: str = "plasls",
     armijo: str = "noise_aware",
@@ -337,8 +349,12 @@ def run(
     seed: int = 0,
     record_path: str | Path | None = None,
     progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train with a recorder attached and return its rows (the digits demo's data by default)."""
+    stop_at_first: str | None = None,
+) -> DiagnoseRun:
+    """Train with a recorder attached (the digits demo's data by default, fixed batch order).
+
+    ``stop_at_first``: stop right after the first step with this outcome (e.g. ``"failed"``), to inspect it.
+    """
     net, batches, loss_fn = _script_setup(script) if script else _digits_setup(model, seed)
     opt = make_optimizer(optimizer, net, armijo)
     recorder = Recorder(opt, record_path)
@@ -350,17 +366,23 @@ def run(
             bar = tqdm(total=epochs * len(batches), desc=f"{optimizer} ({armijo})", dynamic_ncols=True)
         except ImportError:  # pragma: no cover - tqdm is in the demo extra
             bar = None
+    stop = False
     for _ in range(epochs):
         for x, y in batches:
             opt.step(lambda x=x, y=y: loss_fn(net(x), y))
+            rec = opt.last_step
             if bar is not None:
-                rec = opt.last_step
                 bar.set_postfix(loss=f"{rec.loss:.3e}", eta=f"{min(rec.step_sizes):.1e}", refresh=False)
                 bar.update()
+            if stop_at_first is not None and rec.outcome == stop_at_first:
+                stop = True
+                break
+        if stop:
+            break
     if bar is not None:
         bar.close()
     recorder.detach()
-    return recorder.rows
+    return DiagnoseRun(recorder.rows, net, opt, batches, loss_fn)
 
 
 def report(rows: list[dict[str, Any]], out: str | Path, title: str = "") -> str:
