@@ -196,3 +196,28 @@ def test_invalid_armijo_option():
         lsfused.AdamSLS(mlp().parameters(), armijo="strict")
     with pytest.raises(ValueError, match="estimate_noise must be a bool"):
         lsfused.AdamSLS(mlp().parameters(), estimate_noise="yes")
+
+
+def quantized_problem(armijo):
+    # The loss value is rounded to 0.1 (as a loss computed by cancellation is quantized), its gradient is exact:
+    # small trials move the weights but leave the loss exactly unchanged, although c*eta*s is far above one ulp.
+    p = nn.Parameter(torch.ones(2))
+    opt = lsfused.SGDSLS([p], init_step_size=1e-3, gamma=1.0, armijo=armijo)
+
+    def closure():
+        q = (p * p).sum()
+        return q + (torch.round(q * 10) / 10 - q).detach()
+
+    return p, opt, closure
+
+
+def test_loss_unchanged_twice_is_unresolvable():
+    p, opt, closure = quantized_problem("noise_aware")
+    opt.step(closure)
+    rec = opt.last_step
+    assert (rec.outcome, rec.reason, rec.trials) == ("unresolvable", "noise", 2)
+    assert rec.step_sizes == (1e-3 * 0.9,)
+    assert torch.equal(p.detach(), torch.ones(2))
+    p, opt, closure = quantized_problem("classic")
+    opt.step(closure)
+    assert (opt.last_step.outcome, opt.last_step.trials) == ("failed", 100)

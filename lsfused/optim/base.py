@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
@@ -120,6 +121,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         deterministic_closure: bool,
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
+        process_group: Any = None,
     ):
         if not isinstance(deterministic_closure, bool):
             raise ValueError(f"deterministic_closure must be a bool, got {deterministic_closure!r}")
@@ -129,6 +131,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"estimate_noise must be a bool, got {estimate_noise!r}")
         self.armijo = armijo
         self.estimate_noise = estimate_noise
+        self._process_group = process_group
+        self._dist_checked = False
         self._recorder = None
         self._noise = 0.0
         self._loss_dtype = torch.float32
@@ -261,6 +265,46 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if sel:
                 self._ops.restore(b.w, b.w0, sel)
 
+    # ------------------------------------------------------------------ distributed
+
+    def _group(self):
+        """The process group decisions are shared over (None: this process decides alone)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self._process_group if self._process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _reduce(self, values: list[float], average: bool = True) -> list[float]:
+        """All-reduce float64 scalars (one packed tensor): the mean over ranks, or the sum."""
+        group = self._group()
+        if group is None:
+            return values
+        device = self._buckets[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            t /= dist.get_world_size(group)
+        return t.tolist()
+
+    def _signature(self) -> str:
+        """Layout and hyperparameters every rank must agree on."""
+        groups = [{k: v for k, v in g.items() if k not in ("params", "step_size")} for g in self.param_groups]
+        return repr((type(self).__name__, self._layout(), groups, self.armijo, self._step_count))
+
+    def _check_ranks_agree(self) -> None:
+        group = self._group()
+        self._dist_checked = True
+        if group is None:
+            return
+        mine = self._signature()
+        everyone: list[str] = [""] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        if any(sig != mine for sig in everyone):
+            raise ValueError(
+                "ranks disagree on the optimizer's parameter layout or hyperparameters; every rank must build the "
+                f"same optimizer over the same model (this rank: {mine})"
+            )
+
     def _armijo(
         self,
         run: Closure,
@@ -279,14 +323,15 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
         shrinking eta further.
         """
-        eta, ft = eta0, None
+        eta, ft, unchanged = eta0, None, 0
         for t in range(1, max_trials + 1):
             self._apply(dict.fromkeys(groups, eta), direction)
-            ft = check_loss(run(), "at a trial point")
+            ft = self._reduce([check_loss(run(), "at a trial point")])[0]
             ok = math.isfinite(ft) and decrease(eta, ft)
+            unchanged = unchanged + 1 if ft == f0 else 0
             reason = None
             if not ok and self.armijo == "noise_aware":
-                reason = self._unresolvable(f0, ft, predicted(eta), groups, direction)
+                reason = self._unresolvable(f0, ft, predicted(eta), groups, direction, unchanged >= 2)
             if self._recorder is not None:
                 self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction)
             if ok:
@@ -313,17 +358,23 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 moving, absorbed = moving + counts[0], absorbed + counts[1]
         return absorbed / moving if moving else 1.0
 
-    def _unresolvable(self, f0: float, ft: float, pred: float, groups: list[int], direction: str) -> str | None:
+    def _unresolvable(
+        self, f0: float, ft: float, pred: float, groups: list[int], direction: str, unchanged_twice: bool
+    ) -> str | None:
         """Why a rejected trial cannot be judged, or None when the rejection is real.
 
         ``"noise"``: the predicted decrease ``c*eta*s`` and the measured ``|f(trial) - f(w0)|`` are both within the
-        rounding bound, so the comparison is decided by rounding, not by the loss. ``"absorbed"``: (nearly) every
-        element's update is absorbed by rounding, so smaller steps cannot change the network.
+        rounding bound, so the comparison is decided by rounding, not by the loss; or two trials in a row (at
+        different step sizes) left the loss exactly unchanged: the weights moved but the loss did not register it,
+        so it is quantized coarser than the change (cancellation inside the loss computation, e.g. a cross-entropy
+        of 1e-6 computed from logits of size 40, whose ulp is 4e-6) and smaller steps cannot register either (one
+        exact tie can be a genuine crossing, twice cannot). ``"absorbed"``: (nearly) every element's update is
+        absorbed by rounding, so smaller steps cannot change the network.
         """
         if not math.isfinite(ft):
             return None
         bound = self.rounding_bound(f0, ft)
-        if pred <= bound and abs(ft - f0) <= bound:
+        if unchanged_twice or (pred <= bound and abs(ft - f0) <= bound):
             return "noise"
         if self.absorbed_fraction(groups, direction) >= ABSORBED_STOP:
             return "absorbed"
@@ -376,11 +427,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         for b in self._buckets:
             b.check_params()
+        if not self._dist_checked:
+            self._check_ranks_agree()
         run = self._runner(closure)
         if loss is None:
             with torch.enable_grad():
                 loss = run()
-            f0 = check_loss(loss, "at the starting point")
+            # Under torch.distributed the decision uses the mean loss over ranks (a NaN on one rank reaches all).
+            f0 = self._reduce([check_loss(loss, "at the starting point")])[0]
             if not math.isfinite(f0):
                 raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
             if not loss.requires_grad:
@@ -390,7 +444,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss.backward()
         else:
-            f0 = check_loss(loss, "(the loss argument)")
+            f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
             if not math.isfinite(f0):
                 raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
         for b in self._buckets:
@@ -405,7 +459,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._noise = 0.0
         if self.estimate_noise:
             # A repeated evaluation at w0 measures the closure's evaluation noise (nondeterministic kernels).
-            repeat = check_loss(run(), "at the starting point (noise estimate)")
+            repeat = self._reduce([check_loss(run(), "at the starting point (noise estimate)")])[0]
             self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
         # From here on the state changes.
         sums = self._pass_a()

@@ -49,7 +49,8 @@ class SaLSa(LineSearchOptimizer):
         True), weight_decay (float, default 0.0), deterministic_closure (bool, default True),
         backend (str, default "auto"): as described above.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
-        armijo (str, default "noise_aware"), estimate_noise (bool, default False): as in :class:`lsfused.SGDSLS`.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None): as
+            in :class:`lsfused.SGDSLS`.
     """
 
     _mode = MODE_ADAM
@@ -82,6 +83,7 @@ class SaLSa(LineSearchOptimizer):
         eps: float = 1e-8,
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
+        process_group: Any = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -104,6 +106,7 @@ class SaLSa(LineSearchOptimizer):
             deterministic_closure=deterministic_closure,
             armijo=armijo,
             estimate_noise=estimate_noise,
+            process_group=process_group,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -161,13 +161,18 @@ class SGDSLS(_ArmijoSLS):
         armijo (str, default "noise_aware"): ``"classic"`` is the paper's test, bit for bit. ``"noise_aware"``
             accepts exactly what the classic test accepts, but when a trial is rejected and it cannot be judged
             (the predicted decrease ``c*eta*s`` and the measured ``|f(trial) - f(w0)|`` are both within the
-            rounding bound of the loss, or (nearly) all of the update is absorbed by rounding), backtracking stops:
+            rounding bound of the loss, or two trials in a row left the loss exactly unchanged, or (nearly) all of the
+            update is absorbed by rounding), backtracking stops:
             the step is recorded as ``"unresolvable"``, the step size is not shrunk further, and the searched
             parameters keep ``w0``. Keeping ``w0`` is the conservative choice: a decision that the loss cannot
             measure should not move the weights, and the next step (with Eq. 2's growth) starts from a step size
             whose decrease may be measurable, instead of collapsing eta toward 0 (the paper's Fig. 1).
         estimate_noise (bool, default False): evaluate the closure once more at ``w0`` per step and use the
             difference as the evaluation noise (for nondeterministic kernels) in the rounding bound.
+        process_group (default None): under ``torch.distributed`` every loss that decides acceptance is the
+            float64 mean over this group's ranks (None: the default group when initialized), so every rank takes
+            the same decision and DDP replicas stay bit-identical. Ranks must build identical optimizers (checked
+            at the first step).
     """
 
     _mode = MODE_SGD
@@ -186,6 +191,7 @@ class SGDSLS(_ArmijoSLS):
         backend: str = "auto",
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
+        process_group: Any = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -203,6 +209,7 @@ class SGDSLS(_ArmijoSLS):
             deterministic_closure=deterministic_closure,
             armijo=armijo,
             estimate_noise=estimate_noise,
+            process_group=process_group,
         )
 
 
@@ -227,7 +234,8 @@ class AdamSLS(_ArmijoSLS):
         init_step_size (float, default 0.1), c (float, default 0.1), beta_b (float, default 0.9),
         gamma (float, default 2.0), n_batches_per_epoch (int, default 500), max_backtracks (int, default 100),
         on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"),
-        armijo (str, default "noise_aware"), estimate_noise (bool, default False): as in :class:`SGDSLS`.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None): as
+            in :class:`SGDSLS`.
         betas (tuple, default (0.0, 0.999)): Adam's beta1, beta2.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
     """
@@ -250,6 +258,7 @@ class AdamSLS(_ArmijoSLS):
         backend: str = "auto",
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
+        process_group: Any = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -269,6 +278,7 @@ class AdamSLS(_ArmijoSLS):
             deterministic_closure=deterministic_closure,
             armijo=armijo,
             estimate_noise=estimate_noise,
+            process_group=process_group,
         )
 
     def _needs(self) -> tuple[bool, bool, bool]:
@@ -319,6 +329,7 @@ class PLASLS(AdamSLS):
         backend: str = "auto",
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
+        process_group: Any = None,
         merge_threshold: float = 1e-12,
         schedule: str = "cyclic",
         full_search_steps: int = 1,
@@ -358,6 +369,7 @@ class PLASLS(AdamSLS):
             backend=backend,
             armijo=armijo,
             estimate_noise=estimate_noise,
+            process_group=process_group,
         )
         self.components = [[i] for i in range(self.n_groups)]
 

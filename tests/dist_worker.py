@@ -1,0 +1,74 @@
+"""Run by tests/test_distributed.py: ``python dist_worker.py MODE OPTIMIZER OUT_DIR PORT``.
+
+Spawns 2 gloo ranks; each trains the tests' small network for 20 steps on its half of every global batch and saves
+per-step records and parameters to ``OUT_DIR/rank{r}.pt``.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import mlp  # noqa: E402
+
+import lsfused  # noqa: E402
+
+STEPS = 20
+
+
+def global_batches(n=4):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(n)]
+
+
+def make_optimizer(name, model, params):
+    if name == "adamsls":
+        return lsfused.AdamSLS(params, init_step_size=3.0)
+    if name == "sgdsls":
+        return lsfused.SGDSLS(params, init_step_size=30.0)
+    if name == "plasls":
+        return lsfused.PLASLS(lsfused.components.by_layers(model, 2), init_step_size=3.0)
+    if name == "salsa":
+        return lsfused.SaLSa(params)
+    raise ValueError(name)
+
+
+def worker(rank, mode, name, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(name, model, list(model.parameters()))
+    if mode == "mismatch" and rank == 1:
+        opt.param_groups[0]["c"] = 0.2
+    records, params = [], []
+    error = None
+    try:
+        for i, (x, y) in enumerate(global_batches() * 5):
+            if i == STEPS:
+                break
+            xs, ys = x[rank * 16 : (rank + 1) * 16], y[rank * 16 : (rank + 1) * 16]
+
+            def closure(xs=xs, ys=ys, i=i):
+                loss = nn.functional.cross_entropy(ddp(xs), ys)
+                if mode == "nanrank" and rank == 1 and i == 3 and not torch.is_grad_enabled():
+                    return loss * float("nan")  # rank 1's trials at step 4 are non-finite
+                return loss
+
+            opt.step(closure)
+            records.append(opt.last_step)
+            params.append([p.detach().clone() for p in model.parameters()])
+    except ValueError as err:
+        error = str(err)
+    torch.save({"records": records, "params": params, "error": error}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, name, out, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    mp.spawn(worker, args=(mode, name, out, port), nprocs=2, join=True)

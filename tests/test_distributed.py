@@ -1,0 +1,92 @@
+"""DDP with 2 gloo ranks (spawned subprocesses, with a timeout so a hang fails instead of blocking CI)."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mlp
+from dist_worker import STEPS, global_batches, make_optimizer
+from torch import nn
+
+import lsfused
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT = 240
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, mode, name):
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), mode, name, str(tmp_path), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def single_process(name):
+    """The same training in one process on the concatenated (global) batches."""
+    model = mlp()
+    opt = make_optimizer(name, model, list(model.parameters()))
+    records, params = [], []
+    for i, (x, y) in enumerate(global_batches() * 5):
+        if i == STEPS:
+            break
+        opt.step(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        records.append(opt.last_step)
+        params.append([p.detach().clone() for p in model.parameters()])
+    return records, params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamsls", "sgdsls", "plasls", "salsa"])
+def test_ddp_ranks_stay_identical_and_match_single_process(tmp_path, name):
+    r0, r1 = run_ranks(tmp_path, "ddp", name)
+    assert r0["error"] is None and r1["error"] is None
+    assert len(r0["records"]) == STEPS
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # bit-identical replicas, every step
+    for a, b in zip(r0["records"], r1["records"], strict=True):
+        assert a == b  # same decisions, step sizes and (averaged) losses on every rank
+    ref_records, ref_params = single_process(name)
+    for a, b in zip(ref_records, r0["records"], strict=True):
+        assert (a.outcome, a.trials, a.searched) == (b.outcome, b.trials, b.searched)
+        assert b.step_sizes == pytest.approx(a.step_sizes, rel=1e-6)
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)  # fp32 drift: averaged vs full-batch grads round apart
+    for a, b in zip(ref_params[-1], r0["params"][-1], strict=True):
+        # Same decisions; the parameters drift apart only by fp32 rounding amplified over 20 steps.
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-4)
+
+
+@pytest.mark.slow
+def test_nonfinite_trial_on_one_rank_is_rejected_everywhere(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "nanrank", "adamsls")
+    assert r0["error"] is None and r1["error"] is None
+    step4 = (r0["records"][3], r1["records"][3])
+    assert repr(step4[0]) == repr(step4[1])  # repr: the NaN trial losses compare equal
+    assert step4[0].outcome == "failed" and step4[0].trials == 100  # every trial rejected, on both ranks
+    assert all(torch.equal(x, y) for x, y in zip(r0["params"][-1], r1["params"][-1], strict=True))
+
+
+@pytest.mark.slow
+def test_ranks_with_different_hyperparameters_are_refused(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "mismatch", "adamsls")
+    for r in (r0, r1):
+        assert "ranks disagree" in r["error"] and r["records"] == []
+
+
+def test_single_process_needs_no_group():
+    opt = lsfused.AdamSLS(mlp().parameters())
+    assert opt._group() is None and opt._reduce([1.5, 2.0]) == [1.5, 2.0]
