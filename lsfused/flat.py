@@ -4,6 +4,10 @@ For each (device, dtype) bucket the parameters become views into one contiguous 
 one flat grad buffer, so backward writes there and no gather copy is needed. Adam state, the snapshot ``w0`` and the
 direction live in matching flat buffers. Param groups are contiguous ranges of each bucket (params are laid out
 group by group), so every op works on ``ranges``.
+
+Parameters that FSDP2 (``fully_shard``) owns are DTensors whose storage FSDP2 manages: for those the bucket holds
+a copy of the local shards, reads the local gradient shards, and writes the weights back after every op that
+changes them (``sharded=True``); they are never re-pointed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+def is_sharded(p: Tensor) -> bool:
+    """A DTensor parameter (FSDP2), whose local shard the optimizer updates."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    return t.to_local() if is_sharded(t) else t
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,20 +50,32 @@ class FlatBucket:
     groups: list[int] = field(init=False)  # group index of each range
 
     def __post_init__(self) -> None:
-        p0 = self.params[0]
-        self.device, self.dtype = p0.device, p0.dtype
+        self.sharded = is_sharded(self.params[0])
+        if any(is_sharded(p) != self.sharded for p in self.params):
+            raise ValueError("a bucket mixes DTensor (FSDP2) and plain parameters")
+        if self.sharded:
+            for p in self.params:
+                if not all(pl.is_shard() for pl in p.placements):
+                    raise ValueError(
+                        f"DTensor parameters must be sharded on every mesh dimension (FSDP2's fully_shard); got "
+                        f"placements {p.placements} (replicated shards, as in HSDP, are not supported)"
+                    )
+        locals_ = [local(p.detach()) for p in self.params]
+        self.shapes = [t.shape for t in locals_]
+        self.device, self.dtype = locals_[0].device, locals_[0].dtype
         sdt = state_dtype(self.dtype)
         self.offsets = [0]
-        for p in self.params:
-            self.offsets.append(self.offsets[-1] + p.numel())
+        for t in locals_:
+            self.offsets.append(self.offsets[-1] + t.numel())
         n = self.offsets[-1]
         self.w = torch.empty(n, dtype=self.dtype, device=self.device)
         self.g = torch.zeros(n, dtype=self.dtype, device=self.device)
-        for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
-            self.w[a:b].copy_(p.detach().reshape(-1))
-            p.data = self.w[a:b].view(p.shape)
-            p.grad = self.g[a:b].view(p.shape)
-        self._ptrs = [p.data_ptr() for p in self.params]
+        for p, t, a, b in zip(self.params, locals_, self.offsets[:-1], self.offsets[1:], strict=True):
+            self.w[a:b].copy_(t.reshape(-1))
+            if not self.sharded:
+                p.data = self.w[a:b].view(p.shape)
+                p.grad = self.g[a:b].view(p.shape)
+        self._ptrs = [local(p).data_ptr() for p in self.params]
         self.w0 = torch.empty(n, dtype=sdt, device=self.device)
         self.d = torch.empty(n, dtype=sdt, device=self.device)
         self.v = torch.zeros(n, dtype=sdt, device=self.device) if self.with_second_moment else None
@@ -67,13 +96,27 @@ class FlatBucket:
         return self.offsets[-1]
 
     def views(self, buf: Tensor, i: int) -> Tensor:
-        """The slice of a flat buffer that belongs to parameter ``i``, shaped like it."""
-        return buf[self.offsets[i] : self.offsets[i + 1]].view(self.params[i].shape)
+        """The slice of a flat buffer that belongs to parameter ``i``, shaped like it (its local shard)."""
+        return buf[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i])
+
+    def read_params(self) -> None:
+        """Sharded buckets: refresh the flat copy from FSDP2's local shards (they may have been loaded or changed
+        outside the optimizer since the last step)."""
+        if self.sharded:
+            for i, p in enumerate(self.params):
+                self.views(self.w, i).copy_(p.to_local())
+
+    def write_back(self) -> None:
+        """Sharded buckets: copy the flat weights into FSDP2's local shards (plain buckets are views already)."""
+        if self.sharded:
+            for i, p in enumerate(self.params):
+                p.to_local().copy_(self.views(self.w, i))
 
     def check_params(self) -> None:
         """Raise if a parameter no longer lives in the flat buffer (``model.to(...)``, ``p.data = ...``)."""
         for p, ptr in zip(self.params, self._ptrs, strict=True):
-            if p.data_ptr() != ptr or p.device != self.device or p.dtype != self.dtype:
+            t = local(p)
+            if t.data_ptr() != ptr or t.device != self.device or t.dtype != self.dtype:
                 raise RuntimeError(
                     "a parameter was moved or replaced after the optimizer was created (for example by "
                     "model.to(...) or p.data = ...); lsfused keeps parameters in flat buffers, so create the "
@@ -92,8 +135,8 @@ class FlatBucket:
                 raise ValueError("lsfused optimizers do not support complex parameters or gradients")
             if gr.shape != p.shape:
                 raise ValueError(f"gradient of shape {tuple(gr.shape)} does not match its parameter {tuple(p.shape)}")
-            if gr.device != self.device:
-                raise ValueError(f"gradient on {gr.device} for a parameter on {self.device}")
+            if local(gr).device != self.device:
+                raise ValueError(f"gradient on {local(gr).device} for a parameter on {self.device}")
 
     def gather_grads(self) -> None:
         """Make the flat grad buffer current: copy in grads that autograd or the user replaced, zero missing ones.
@@ -105,6 +148,9 @@ class FlatBucket:
             gr = p.grad
             if gr is None:
                 view.zero_()
+            elif self.sharded:
+                view.copy_(gr.to_local())
+                continue
             elif gr.data_ptr() != view.data_ptr() or gr.stride() != view.stride():
                 view.copy_(gr)
             else:
@@ -114,4 +160,4 @@ class FlatBucket:
     def zero_grad(self) -> None:
         self.g.zero_()
         for i, p in enumerate(self.params):
-            p.grad = self.views(self.g, i)
+            p.grad = None if self.sharded else self.views(self.g, i)

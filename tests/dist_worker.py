@@ -37,13 +37,31 @@ def make_optimizer(name, model, params):
     raise ValueError(name)
 
 
+def full(model):
+    """Full (unsharded) copies of the parameters."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+
+
 def worker(rank, mode, name, out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model = mlp()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    if mode.startswith("fsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # reshard_after_forward=True also on the root: trials write the local shards in place, and the default
+        # ("auto") keeps the root unsharded after a forward, so the next trial would not see the new weights.
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)), reshard_after_forward=True)
+        ddp = model
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(name, model, list(model.parameters()))
+    if mode == "fsdp_resume":
+        resume(rank, model, ddp, opt, out)
+        dist.destroy_process_group()
+        return
     if mode == "mismatch" and rank == 1:
         opt.param_groups[0]["c"] = 0.2
     records, params = [], []
@@ -62,11 +80,40 @@ def worker(rank, mode, name, out, port):
 
             opt.step(closure)
             records.append(opt.last_step)
-            params.append([p.detach().clone() for p in model.parameters()])
+            params.append(full(model))
     except ValueError as err:
         error = str(err)
     torch.save({"records": records, "params": params, "error": error}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def resume(rank, model, ddp, opt, out):
+    """10 steps, save (local shards + optimizer), 10 more; restore and redo the 10: bit-identical?"""
+    import copy
+
+    data = global_batches() * 5
+
+    def steps(lo, hi):
+        recs = []
+        for x, y in data[lo:hi]:
+            xs, ys = x[rank * 16 : (rank + 1) * 16], y[rank * 16 : (rank + 1) * 16]
+            opt.step(lambda xs=xs, ys=ys: nn.functional.cross_entropy(ddp(xs), ys))
+            recs.append(opt.last_step)
+        return recs
+
+    steps(0, 10)
+    saved_params = [p.to_local().detach().clone() for p in model.parameters()]
+    saved_opt = copy.deepcopy(opt.state_dict())
+    first = steps(10, 20)
+    after_first = [p.to_local().detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), saved_params, strict=True):
+            p.to_local().copy_(t)
+    opt.load_state_dict(saved_opt)
+    second = steps(10, 20)
+    after_second = [p.to_local().detach().clone() for p in model.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(after_first, after_second, strict=True))
+    torch.save({"same_params": same, "first": first, "second": second}, os.path.join(out, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DDP with 2 gloo ranks (spawned subprocesses, with a timeout so a hang fails instead of blocking CI)."""
+"""DDP and FSDP2 with 2 gloo ranks (spawned subprocesses, with a timeout so a hang fails instead of blocking CI)."""
 
 import socket
 import subprocess
@@ -85,6 +85,31 @@ def test_ranks_with_different_hyperparameters_are_refused(tmp_path):
     r0, r1 = run_ranks(tmp_path, "mismatch", "adamsls")
     for r in (r0, r1):
         assert "ranks disagree" in r["error"] and r["records"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamsls", "plasls", "salsa"])
+def test_fsdp2_matches_single_process(tmp_path, name):
+    r0, r1 = run_ranks(tmp_path, "fsdp", name)
+    assert r0["error"] is None and r1["error"] is None
+    for a, b in zip(r0["records"], r1["records"], strict=True):
+        assert a == b  # the same decisions and step sizes on both ranks (shard sums all-reduced)
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # the gathered full parameters agree
+    ref_records, ref_params = single_process(name)
+    for a, b in zip(ref_records, r0["records"], strict=True):
+        assert (a.outcome, a.trials, a.searched) == (b.outcome, b.trials, b.searched)
+        assert b.step_sizes == pytest.approx(a.step_sizes, rel=1e-6)
+    for a, b in zip(ref_params[-1], r0["params"][-1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_state_dict_resumes_exactly(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "fsdp_resume", "adamsls")
+    for r in (r0, r1):
+        assert r["same_params"]
+        assert r["first"] == r["second"]
 
 
 def test_single_process_needs_no_group():

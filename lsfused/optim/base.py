@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
-from lsfused.flat import FlatBucket
+from lsfused.flat import FlatBucket, is_sharded
 from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
@@ -203,7 +203,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         by_key: dict[tuple, tuple[list[Tensor], list[int]]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                params, owners = by_key.setdefault((p.device, p.dtype), ([], []))
+                params, owners = by_key.setdefault((p.device, p.dtype, is_sharded(p)), ([], []))
                 params.append(p)
                 owners.append(gi)
         with torch.no_grad():
@@ -240,11 +240,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``."""
         k = self._step_count + 1
         sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
+        shard_sums = torch.zeros_like(sums)
         for b in self._buckets:
             part = self._ops.direction_and_norms(
                 b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode
             )
-            sums[b.groups] += part.cpu()
+            (shard_sums if b.sharded else sums)[b.groups] += part.cpu()
+        if any(b.sharded for b in self._buckets):
+            # FSDP2: each rank holds a disjoint shard, so the decision sums are the sums over ranks.
+            reduced = self._reduce(shard_sums.flatten().tolist(), average=False)
+            sums += torch.tensor(reduced, dtype=torch.float64).view_as(sums)
         return sums
 
     def _apply(self, eta: dict[int, float], direction: str = "d") -> None:
@@ -256,6 +261,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     b.device, non_blocking=True
                 )
                 self._ops.trial_step(b.w, b.w0, getattr(b, direction), [x for r in sel for x in b.ranges[r]], etas)
+                b.write_back()
 
     def _restore(self, groups: Iterable[int] | None = None) -> None:
         """``w = w0`` over the given param groups (all when None)."""
@@ -264,6 +270,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             sel = [x for rng, gi in zip(b.ranges, b.groups, strict=True) if wanted is None or gi in wanted for x in rng]
             if sel:
                 self._ops.restore(b.w, b.w0, sel)
+                b.write_back()
 
     # ------------------------------------------------------------------ distributed
 
@@ -450,11 +457,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for b in self._buckets:
             b.check_grads()
         for b in self._buckets:
+            b.read_params()
             b.gather_grads()
-        for b in self._buckets:
-            bad = self._ops.nonfinite_count(b.g)
-            if bad:
-                raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
+        bad = sum(self._ops.nonfinite_count(b.g) for b in self._buckets)
+        if any(b.sharded for b in self._buckets):
+            bad = int(self._reduce([float(bad)], average=False)[0])  # every rank must refuse together
+        if bad:
+            raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
         self._loss_dtype = loss.dtype
         self._noise = 0.0
         if self.estimate_noise:
@@ -549,6 +558,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         params = [p for g in self.param_groups for p in g["params"]]
+        local_shape = {id(p): b.shapes[i] for b in self._buckets for i, p in enumerate(b.params)}
         expected_keys = set(next(iter(self.state.values())).keys()) if self.state else set()
         new_state = {}
         for i, p in enumerate(params):
@@ -558,7 +568,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})"
                 )
             for key, t in st.items():
-                if not isinstance(t, Tensor) or t.shape != p.shape:
+                if not isinstance(t, Tensor) or t.shape != local_shape[id(p)]:
                     raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape")
             new_state[id(p)] = st
         self._check_extra_state(meta["extra"], saved_groups)
