@@ -330,12 +330,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
         shrinking eta further.
         """
-        eta, ft, unchanged = eta0, None, 0
+        eta, ft, unchanged, first_unchanged_eta = eta0, None, 0, eta0
         for t in range(1, max_trials + 1):
             self._apply(dict.fromkeys(groups, eta), direction)
             ft = self._reduce([check_loss(run(), "at a trial point")])[0]
             ok = math.isfinite(ft) and decrease(eta, ft)
-            unchanged = unchanged + 1 if ft == f0 else 0
+            if ft == f0:
+                unchanged += 1
+                first_unchanged_eta = eta if unchanged == 1 else first_unchanged_eta
+            else:
+                unchanged = 0
             reason = None
             if not ok and self.armijo == "noise_aware":
                 reason = self._unresolvable(f0, ft, predicted(eta), groups, direction, unchanged >= 2)
@@ -344,7 +348,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if ok:
                 return SearchResult("accepted", eta, t, ft)
             if reason is not None:
-                return SearchResult("unresolvable", eta, t, ft, reason)
+                # Keep the step size where the unjudgeable run began: shrinking on a tie is no evidence.
+                kept = first_unchanged_eta if unchanged >= 2 else eta
+                return SearchResult("unresolvable", kept, t, ft, reason)
             if t < max_trials:
                 eta *= shrink
         return SearchResult("failed", eta, max_trials, ft)
