@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(PY) -m lsfused demo
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -m benchmark
+	$(PY) -m pytest benchmarks -m benchmark -p no:cacheprovider
+	$(PY) -m lsfused bench --plot
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

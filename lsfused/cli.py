@@ -46,6 +46,23 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lsfused import bench
+
+    csv_path = Path(args.csv)
+    if not args.plot_only:
+        rows = bench.run(quick=args.quick, csv_path=csv_path, device=args.device)
+        print(f"machine: {bench.machine()}")
+        print(bench.format_rows(rows))
+        print(f"appended {len(rows)} rows to {csv_path}")
+    if args.plot or args.plot_only:
+        for path in bench.plot(csv_path, Path(args.plot_dir)):
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lsfused", description="Fused stochastic line-search optimizers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="lsfused_out/diagnose", help="directory for the report")
     d.add_argument("--from", dest="from_file", help="redraw the report from a recorded diagnostics.jsonl")
     d.set_defaults(func=_diagnose)
+    b = sub.add_parser("bench", help="time the fused ops and optimizer steps against baselines, in one run")
+    b.add_argument("--quick", action="store_true", help="small sizes only (under 2 minutes on 2 cores)")
+    b.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV the rows are appended to")
+    b.add_argument("--plot", action="store_true", help="also draw the figures from the CSV")
+    b.add_argument("--plot-only", action="store_true", help="only draw the figures from the CSV")
+    b.add_argument("--plot-dir", default="benchmarks/results", help="where the figures go")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
