@@ -153,7 +153,6 @@ def test_trial_nan_is_rejected_not_an_error():
         ({"betas": (0.0,)}, "betas must be a pair"),
         ({"eps": -1.0}, "eps must be >= 0"),
         ({"backend": "cuda"}, "unknown backend 'cuda'; available backends: auto, torch"),
-        ({"backend": "cpp"}, "unknown backend 'cpp'"),
         ({"deterministic_closure": 1}, "deterministic_closure must be a bool"),
     ],
 )
