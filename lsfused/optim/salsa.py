@@ -21,14 +21,16 @@ class SaLSa(LineSearchOptimizer):
 
     - decoupled weight decay on the snapshot: ``w0 = w * (1 - weight_decay*eta_prev)``;
     - ``eta0 = growth * eta_prev``;
-    - smoothed decrease term ``G_k = a*G_{k-1} + (1-a)*s_k`` with ``a = smoothing``;
+    - smoothed decrease term ``G_k = a*G_{k-1} + (1-a)*s_k`` with ``a = smoothing``, updated on the steps that run
+      the search decision (speed-up skips leave it unchanged);
     - trial ``w = w0 + eta*d``; smoothed observed decrease ``D = a*D_{k-1} + (1-a)*(f(w0) - f(w0 + eta*d))``;
     - accept when ``D >= c*eta*G_k`` (the smoothed Armijo condition of the paper, Section 3; the summary available to
       us numbers no equations), then ``D_k = D``; else ``eta *= shrink``. An observed decrease of exactly 0 is
       accepted without updating D (the authors' rule); a non-finite trial loss is rejected.
-    - With ``speed_up`` the search is skipped once the step size is stable: with fast/slow EMAs (0.9/0.99) of
-      accepted step sizes and ``r = max(fast/slow, slow/fast)``, a search runs every
-      ``min(10, 1/(r - 1 + 1e-8))`` steps (and always in the first 10). A skipped step applies Adam's step
+    - With ``speed_up`` the search is skipped once the step size is stable: with fast/slow EMAs (0.9/0.99, both
+      starting at 1e-8) of the step size stored after every search (failed ones included) and
+      ``r = max(fast/slow, slow/fast)``, a search runs once the steps since the last search reach
+      ``min(10, 1/(r - 1 + 1e-8))`` (and always in the first 10 steps). A skipped step applies Adam's step
       ``w = w0 - eta0*m_hat*P`` without changing the stored step size (outcome ``"skipped"``); so does a step whose
       loss or ``G_k`` is below 1e-8.
     - When all ``max_backtracks`` trials fail the last trial is kept and the step size becomes ``shrink`` times the
@@ -37,7 +39,8 @@ class SaLSa(LineSearchOptimizer):
     The EMAs are not bias-corrected (the authors' code). An accepted search keeps the trial point as the update.
     With ``armijo="noise_aware"`` (default) a rejected trial whose instantaneous predicted decrease ``c*eta*s_k``
     and measured difference are both within the loss's rounding bound, or whose update is absorbed by rounding,
-    ends the search as ``"unresolvable"``: w0 and the current step size are kept (see :class:`lsfused.SGDSLS`);
+    ends the search as ``"unresolvable"``: w0 is kept and the step size is not shrunk further (see
+    :class:`lsfused.SGDSLS`);
     ``armijo="classic"`` never does this.
 
     Args:

@@ -86,16 +86,18 @@ class _ArmijoSLS(LineSearchOptimizer):
         s_searched = math.fsum(s[i] for i in searched)
         c = g0["c"]
         final_dir = "dm" if self._has_momentum else "d"
+        step_sizes = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}
+        others = {i: e for i, e in step_sizes.items() if i not in searched}
         if not s_searched > 0.0:
-            # Zero decrease term: the direction is zero on the searched part, no trial can be judged.
-            self._restore()
-            return SearchResult("skipped", self.param_groups[searched[0]]["step_size"], 0, None), tuple(searched), None
-        eta0 = self.param_groups[searched[0]]["step_size"]
+            # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
+            # step (a zero step for the searched part, or its momentum step when beta1 > 0).
+            self._apply(step_sizes, final_dir)
+            return SearchResult("skipped", step_sizes[searched[0]], 0, None), tuple(searched), None
         result = self._armijo(
             run,
             f0,
             searched,
-            eta0,
+            step_sizes[searched[0]],
             lambda eta, ft: ft <= f0 - c * eta * s_searched,
             lambda eta: c * eta * s_searched,
             g0["beta_b"],
@@ -103,20 +105,18 @@ class _ArmijoSLS(LineSearchOptimizer):
         )
         for i in searched:
             self.param_groups[i]["step_size"] = result.eta
+        # The search decides the searched part only; the other components (PLASLS) always take their step (Eq. 7).
         if result.outcome == "accepted":
-            moved_all = len(searched) == self.n_groups
-            if final_dir != "d" or not moved_all:
+            if final_dir != "d" or others:
                 # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
                 self._apply({i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}, final_dir)
-        elif result.outcome == "unresolvable":
-            # The searched part keeps w0 (a decision that cannot be measured does not move the weights); the
-            # other components, if any, take their step.
-            self._restore(searched)
-            others = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups) if i not in searched}
+        else:
+            # unresolvable: a decision that cannot be measured does not move the weights -> w0; failed: w0 with
+            # on_failure="revert", the last trial with "last".
+            if result.outcome == "unresolvable" or g0["on_failure"] == "revert":
+                self._restore(searched)
             if others:
                 self._apply(others, final_dir)
-        elif g0["on_failure"] == "revert":
-            self._restore(searched)
         merged = self._after_search(len(searched) == self.n_groups)
         return result, tuple(searched), merged
 
@@ -225,7 +225,8 @@ class AdamSLS(_ArmijoSLS):
       ``eta0 * beta_b**j`` with ``f(w0 + eta*d) <= f(w0) - c*eta*s``.
 
     With ``betas[0] > 0`` the search still uses the momentum-free ``d``, and after acceptance the applied step is
-    ``w = w0 + eta * (-m_hat*P)``, as in the authors' code. The default ``betas=(0.0, 0.999)`` is the paper's setting
+    ``w = w0 + eta * (-m_hat*P)``, as in the authors' code (``on_failure="last"`` keeps the last trial along ``d``). The
+    default ``betas=(0.0, 0.999)`` is the paper's setting
     (the searched point is the update, and no first-moment buffer is allocated).
 
     Args:
@@ -296,10 +297,15 @@ class PLASLS(AdamSLS):
     ``w = w0 + eta ⊙ d`` is applied with every component's step size (Eq. 7). Before each step every component's
     step size grows by ``gamma**(1/n_batches_per_epoch)`` (Eq. 2).
 
-    Merging (Algorithm 1): after a step, if the smallest step size is ``<= merge_threshold`` and there are at least
-    two components, it is merged with the component holding the second-smallest step size; the merged step size is
-    their mean. ``self.components`` lists the param-group indices of each current component; ``last_step.merged``
-    and ``self.merges`` record every merge.
+    The search decides the searched component only: when it fails (``on_failure`` applies to that component), is
+    unresolvable (w0) or skipped (zero decrease term), the other components still take their step.
+
+    Merging (Algorithm 1): after every step (full searches included), if the smallest step size is
+    ``<= merge_threshold`` and there are at least two components, it is merged with the component holding the second-
+    smallest step size; the merged step size is
+    their mean; ties go to the lower index, and the merged component takes the lower index's place (the cyclic
+    cursor keeps pointing at the same component). ``self.components`` lists the param-group indices of each current
+    component; ``last_step.merged`` and ``self.merges`` record every merge.
 
     Differences from the authors' code, on purpose: the first phase is ``full_search_steps=1`` step (the paper's text)
     rather than six, its decrease term is summed over all components (the code uses the last group's only), and the
