@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,demo]' ruff
+	@# The text demo's data: WordNet 3.0 from Debian's wordnet-base (installed when missing and we are root).
+	@if [ ! -e /usr/share/wordnet/data.noun ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq wordnet-base) >/dev/null; \
+	  else echo "note: install Debian's wordnet-base for the text demo (sudo apt-get install wordnet-base)"; fi; \
+	fi
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -7,17 +7,35 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from lsfused import demo
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     optimizers = tuple(o.strip().lower() for o in args.optimizers.split(",") if o.strip())
-    results = demo.run_digits(optimizers, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    if args.task == "digits":
+        from lsfused import demo
+
+        results = demo.run_digits(
+            optimizers, epochs=args.epochs or 15, batch_size=args.batch_size or 64, seed=args.seed
+        )
+        setting = f"{args.epochs or 15} epochs, batch {args.batch_size or 64}, seed {args.seed}"
+        print(f"\ndigits (scikit-learn, 8x8 images, 10 classes), {setting}")
+        print(demo.format_table(results))
+        return 0
+    from lsfused import finetune
+
+    _, table = finetune.run(
+        optimizers,
+        epochs=args.epochs or 5,
+        seed=args.seed,
+        out=args.out,
+        data_csv=args.data,
+        quick=args.quick,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        batch_size=args.batch_size or 32,
+        max_length=args.max_length,
+        progress=not args.no_progress,
+    )
     print()
-    setting = f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}"
-    print(f"digits (scikit-learn, 8x8 images, 10 classes), {setting}")
-    print(demo.format_table(results))
+    print(table)
+    print(f"wrote {args.out}/table.txt and {args.out}/demo.png")
     return 0
 
 
@@ -67,15 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lsfused", description="Fused stochastic line-search optimizers")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train a network with Adam and the line-search optimizers, side by side")
-    p.add_argument("--task", choices=["digits"], default="digits", help="which demo to run")
+    p.add_argument("--task", choices=["text", "digits"], default="text", help="text: MiniLM fine-tuning (default)")
     p.add_argument(
         "--optimizers",
-        default=",".join(("adam", "adamsls", "plasls", "salsa")),
-        help="comma-separated list from adam, adamsls, plasls, salsa, sgdsls",
+        default="adam,adamsls,plasls,salsa",
+        help="comma-separated: adam, adamsls, plasls, salsa, sgdsls",
     )
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, help="default 5 (text) or 15 (digits)")
+    p.add_argument("--batch-size", type=int, help="default 32 (text) or 64 (digits)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="text: 160 examples, 2 epochs, short sequences (~3 min)")
+    p.add_argument("--data", help="text: your own CSV with text,label columns")
+    p.add_argument("--n-train", type=int, default=500, help="text: training examples (WordNet)")
+    p.add_argument("--n-test", type=int, default=400, help="text: test examples (WordNet)")
+    p.add_argument("--max-length", type=int, default=48, help="text: tokens per example")
+    p.add_argument("--out", default="lsfused_out/demo", help="text: where table.txt and demo.png go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     d = sub.add_parser("diagnose", help="record every line-search decision of a short training and report precision")
     d.add_argument("--optimizer", default="plasls", help="plasls (one component per tensor), adamsls, sgdsls, salsa")
@@ -98,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         parser.exit(2, f"lsfused: error: {err}\n")
 
 

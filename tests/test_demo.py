@@ -14,7 +14,9 @@ def test_digits_data_split_is_seeded():
 
 
 def test_demo_cli_prints_table(capsys):
-    assert cli.main(["demo", "--epochs", "1", "--optimizers", "adam,adamsls,plasls,salsa,sgdsls"]) == 0
+    assert (
+        cli.main(["demo", "--task", "digits", "--epochs", "1", "--optimizers", "adam,adamsls,plasls,salsa,sgdsls"]) == 0
+    )
     out = capsys.readouterr().out
     for name in ("adam", "adamsls", "plasls", "salsa", "sgdsls"):
         assert f"\n{name} " in out
@@ -28,5 +30,5 @@ def test_line_search_beats_chance_in_one_epoch():
 
 def test_demo_rejects_unknown_optimizer():
     with pytest.raises(SystemExit) as err:
-        cli.main(["demo", "--optimizers", "adamw"])
+        cli.main(["demo", "--task", "digits", "--optimizers", "adamw"])
     assert err.value.code == 2
