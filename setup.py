@@ -1,9 +1,73 @@
-"""Build hook for the optional C++/CUDA extension.
+"""Build hook for the optional C++/CUDA extension (csrc/); all metadata lives in pyproject.toml.
 
-All metadata lives in pyproject.toml. There is no extension yet, so this installs pure Python; it stays the
-place where ``csrc/`` will be compiled, and a pure-Python install must always keep working.
+The extension ``lsfused._C`` (the ``cpp`` backend's kernels) is built when torch is importable here and a C++
+compiler works; the CUDA sources are added when nvcc (CUDA_HOME) and a CUDA-enabled torch are present. Nothing here
+can fail a pure-Python install: ``LSFUSED_SKIP_EXT=1`` skips the extension, and a missing torch or a failed compile
+prints why and installs without it. The backend then builds itself on first use (a cached JIT build, see
+lsfused/kernels/cpp_ops.py). pip's default build isolation hides torch from this script, so ``pip install -e .`` (the
+Makefile's) relies on that JIT build; ``pip install --no-build-isolation .`` compiles here.
 """
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+
+
+def _note(message: str) -> None:
+    print(f"lsfused: {message}", file=sys.stderr)
+
+
+def _build_config():
+    """lsfused/kernels/_cpp_build.py (sources and flags), loaded by path: lsfused is not importable yet."""
+    spec = importlib.util.spec_from_file_location("_cpp_build", ROOT / "lsfused" / "kernels" / "_cpp_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_options() -> dict:
+    if os.environ.get("LSFUSED_SKIP_EXT") == "1":
+        _note("LSFUSED_SKIP_EXT=1: not building the C++ extension (the cpp backend will be unavailable)")
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except Exception as err:  # noqa: BLE001 - any import failure means: no extension now
+        _note(
+            f"torch is not importable in the build environment ({type(err).__name__}: {err}); not building the C++ "
+            "extension now: the cpp backend JIT-compiles it on first use (or install with --no-build-isolation)"
+        )
+        return {}
+    cfg = _build_config()
+    sources = [f"csrc/{name}" for name in cfg.CPU_SOURCES]
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if with_cuda:
+        sources += [f"csrc/{name}" for name in cfg.CUDA_SOURCES]
+    else:
+        _note("no nvcc or no CUDA-enabled torch: building the C++ extension with CPU kernels only")
+    ext = (CUDAExtension if with_cuda else CppExtension)(
+        "lsfused._C",
+        sources,
+        extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS},
+        extra_link_args=cfg.LD_FLAGS,
+    )
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed compile warns and leaves a pure-Python install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001
+                _note(f"WARNING: the C++ extension failed to build ({type(err).__name__}: {err}); installing pure "
+                      "Python, the cpp backend will try a JIT build on first use")  # fmt: skip
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
+
+
+setup(**extension_options())

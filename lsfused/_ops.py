@@ -16,7 +16,11 @@ from torch import Tensor
 from lsfused.reference import NORM_COLUMNS
 
 # backend name -> module path (imported on first use, so an optional dependency never breaks import)
-IMPLEMENTATIONS = {"torch": "lsfused.reference", "triton": "lsfused.kernels.triton_ops"}
+IMPLEMENTATIONS = {
+    "torch": "lsfused.reference",
+    "triton": "lsfused.kernels.triton_ops",
+    "cpp": "lsfused.kernels.cpp_ops",
+}
 
 
 def implementation(backend: str) -> ModuleType:

@@ -14,7 +14,7 @@ from torch import Tensor
 from lsfused import _ops, reference
 
 # Preference order of ``auto`` per device type. Triton on CPU runs only in its (slow) interpreter: never auto there.
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _triton_reason() -> str | None:
@@ -27,9 +27,27 @@ def _triton_reason() -> str | None:
     return "no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run its kernels in the interpreter)"
 
 
+def _cpp_reason() -> str | None:
+    """Builds (first call only, cached) or loads the C++ extension; see ``lsfused.kernels.cpp_ops``."""
+    try:
+        from lsfused.kernels import cpp_ops
+    except Exception as err:  # noqa: BLE001 - the pure-torch backends must keep working
+        return f"lsfused.kernels.cpp_ops cannot be imported ({type(err).__name__}: {err})"
+    return cpp_ops.load_error()
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    """Whether an available backend has kernels for ``device_type`` (the extension may be built without CUDA)."""
+    if name == "cpp" and device_type == "cuda":
+        from lsfused.kernels import cpp_ops
+
+        return cpp_ops.has_cuda()
+    return True
+
+
 def backends() -> dict[str, str | None]:
     """Map each known backend to ``None`` when it is available, else to the reason it is not."""
-    return {"torch": None, "triton": _triton_reason()}
+    return {"torch": None, "triton": _triton_reason(), "cpp": _cpp_reason()}
 
 
 def available_backends() -> list[str]:
@@ -52,13 +70,23 @@ class Backend:
     def restore(self, w: Tensor, w0: Tensor, ranges: list[int]) -> None:
         _ops.restore(w, w0, ranges, self.name)
 
-    @staticmethod
-    def nonfinite_count(g: Tensor) -> int:
+    def nonfinite_count(self, g: Tensor) -> int:
+        if self.name == "cpp":  # one read-only pass, no bool temporaries of the size of g
+            from lsfused.kernels import cpp_ops
+
+            return cpp_ops.nonfinite_count(g)
+        # One fast reduction: NaN and inf propagate through a sum. Only when the sum is not finite (a non-finite
+        # entry, or an fp32 overflow of huge finite grads) count exactly; isfinite() on every step costs ~30x more.
+        if torch.isfinite(g.sum()):
+            return 0
         return int((~torch.isfinite(g)).sum())
 
-    @staticmethod
-    def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
-        """A companion reduction shared by every backend: see ``reference.absorbed_counts``."""
+    def absorbed_counts(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
+        """A companion reduction (see ``reference.absorbed_counts``): the reference's, except on ``cpp``."""
+        if self.name == "cpp":  # one read-only pass instead of several full-size bool temporaries
+            from lsfused.kernels import cpp_ops
+
+            return cpp_ops.absorbed_counts(w, w0, d, ranges)
         return reference.absorbed_counts(w, w0, d, ranges)
 
 
@@ -70,11 +98,15 @@ def resolve(name: str, device: torch.device | None = None) -> Backend:
         if name == "auto":
             device_type = device.type if device is not None else "cpu"
             for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
-                if known[candidate] is None:
+                if known[candidate] is None and _runs_on(candidate, device_type):
                     return Backend(candidate)
     if name not in known:
         available = ", ".join(["auto", *available_backends()])
         raise ValueError(f"unknown backend {name!r}; available backends: {available}")
     if known[name] is not None:
         raise ValueError(f"backend {name!r} is unavailable: {known[name]}")
+    if device is not None and not _runs_on(name, device.type):
+        raise ValueError(
+            f"backend {name!r} has no kernels for {device.type} here (the extension was built without CUDA)"
+        )
     return Backend(name)

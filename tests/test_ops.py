@@ -16,7 +16,7 @@ from lsfused import _ops
 from lsfused import reference as ref
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = [b for b in ("torch", "triton") if b in lsfused.available_backends()]
+BACKENDS = [b for b in ("torch", "triton", "cpp") if b in lsfused.available_backends()]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # A BERT-like layer scaled down (hidden 64): q, k, v, o weights and biases, two LayerNorms, the FFN.

@@ -1,0 +1,49 @@
+// Interface between the torch-facing launcher (ops.cpp) and the elementwise CPU kernels.
+//
+// The kernels (cpu_kernels_impl.h) see no torch header: they are compiled twice, at the baseline ISA
+// (cpu_kernels_base.cpp) and for AVX2 (cpu_kernels_avx2.cpp), each copy in its own namespace so that no inline
+// function compiled for AVX2 can be picked by the linker for the baseline path. ops.cpp picks a table at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace lsfused {
+
+enum class DType : int { kF32, kF64, kF16, kBF16 };
+
+// One row of reference.HP_COLUMNS, as given (float64); kernels round to the state dtype.
+struct Hp {
+  double b1, b2, eps, bc1, sqrt_bc2, wd_scale;
+};
+
+// Base pointers of the flat buffers of one bucket (g, w in the param dtype; the rest in the state dtype).
+struct PassAPtrs {
+  const void* g;
+  const void* w;
+  void* w0;
+  void* d;
+  void* v;   // null for SGD
+  void* m;   // null without momentum
+  void* dm;  // null without momentum direction
+};
+
+struct KernelTable {
+  const char* isa;
+  // Pass A over elements [begin, begin + n); writes the 5 float64 sums of reference.NORM_COLUMNS to out.
+  // stream: use non-temporal stores for write-only outputs where aligned (for buffers larger than the caches).
+  void (*pass_a)(DType, int mode, const PassAPtrs&, int64_t begin, int64_t n, const Hp&, double* out, bool stream);
+  // Pass B: w = w0 + eta*d over [begin, begin + n), eta rounded to the state dtype.
+  void (*trial_step)(DType, void* w, const void* w0, const void* d, double eta, int64_t begin, int64_t n,
+                     bool stream);
+  // w = w0 over [begin, begin + n).
+  void (*restore)(DType, void* w, const void* w0, int64_t begin, int64_t n, bool stream);
+  // out = [elements with d != 0, those of them where w == w0 rounded to the param dtype] over [begin, begin + n).
+  void (*absorbed)(DType, const void* w, const void* w0, const void* d, int64_t begin, int64_t n, int64_t* out);
+  // Number of non-finite entries of g in [begin, begin + n).
+  int64_t (*nonfinite)(DType, const void* g, int64_t begin, int64_t n);
+};
+
+extern const KernelTable kCpuBaseline;
+extern const KernelTable kCpuAvx2;
+
+}  // namespace lsfused

@@ -1,0 +1,559 @@
+// Elementwise CPU kernels of the fused ops: the math and its order are those of lsfused/reference.py.
+//
+// Included once per ISA by cpu_kernels_{base,avx2}.cpp, after LSFUSED_TABLE (the table's name) and, for AVX2,
+// LSFUSED_AVX2 are defined. Everything but the table has internal linkage (anonymous namespace), so the two copies
+// never mix. The including file pulls in every header first, so that nothing outside this file is compiled for
+// AVX2 (intrinsics are always_inline; memcpy and bit casts are builtins).
+//
+// Vectorization is explicit, with GCC vector extensions over 8 logical lanes: each vector operator is one IEEE
+// operation per lane, rounded on its own (the build uses -ffp-contract=off, and neither ISA enables FMA), and the
+// square root is the correctly rounded sqrtps/sqrtpd. So every lane computes exactly what the reference computes per
+// element, independent of ISA and of where a vector starts; tails go through the same code on a zero-padded block
+// with the padding masked out of the sums. (Checked: the arithmetic is plain division and sqrt on purpose. Replacing
+// the division by the per-range constant with an exact double-precision reciprocal multiply, or the float64
+// division of the s term with a compensated float one, measured slower on the divider-bound Zen 1 used here.)
+//
+// Float64 sums: 8 lane accumulators per chunk, added in a fixed order at the end, so a chunk's sums depend only on
+// its elements. The launcher splits ranges into fixed-size chunks and adds chunk sums in chunk order, which makes
+// the result independent of the number of threads.
+#pragma once
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(LSFUSED_GENERIC)  // LSFUSED_GENERIC: test the portable path
+#include <immintrin.h>
+#define LSFUSED_X86
+#endif
+
+#include <cstdint>
+
+#include "cpu_kernels.h"
+
+namespace lsfused {
+namespace {
+
+#define LSF_INLINE inline __attribute__((always_inline))
+
+// Native vector width of this copy: 32 bytes with AVX2, else 16 (SSE2 on x86-64). The kernels work on 8 logical
+// lanes in every copy (one or more native vectors), so lane j always accumulates elements j, j+8, ... and the
+// float64 sums are the same whichever copy runs.
+#ifdef LSFUSED_AVX2
+constexpr int kBytes = 32;
+#else
+constexpr int kBytes = 16;
+#endif
+constexpr int kLanes = 8;
+constexpr int kFW = kBytes / 4;  // floats per native vector
+constexpr int kDW = kBytes / 8;  // doubles per native vector
+
+typedef float vf __attribute__((vector_size(kBytes)));
+typedef double vd __attribute__((vector_size(kBytes)));
+typedef uint32_t vu __attribute__((vector_size(kBytes)));
+typedef int64_t vl __attribute__((vector_size(kBytes)));
+typedef uint16_t vh __attribute__((vector_size(kBytes / 2)));  // kFW fp16/bf16 values
+
+// 8 lanes of float (F) or double (D), as native vectors.
+struct F {
+  vf v[kLanes / kFW];
+};
+struct D {
+  vd v[kLanes / kDW];
+};
+
+// Lane-wise operators: one IEEE operation per lane, rounded on its own.
+#define LSF_PACK_OPS(T, E)                                                       \
+  constexpr int T##_parts = kLanes * sizeof(E) / kBytes;                         \
+  LSF_INLINE T operator+(T a, T b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] + b.v[k];                \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator-(T a, T b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] - b.v[k];                \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator*(T a, T b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] * b.v[k];                \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator/(T a, T b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] / b.v[k];                \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator+(T a, E b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] + b;                     \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator*(T a, E b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] * b;                     \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator*(E a, T b) { return b * a; /* IEEE multiply commutes */ } \
+  LSF_INLINE T operator/(T a, E b) {                                             \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = a.v[k] / b;                     \
+    return a;                                                                    \
+  }                                                                              \
+  LSF_INLINE T operator-(T a) {                                                  \
+    for (int k = 0; k < T##_parts; ++k) a.v[k] = -a.v[k];                        \
+    return a;                                                                    \
+  }
+LSF_PACK_OPS(F, float)
+LSF_PACK_OPS(D, double)
+
+// ---------------------------------------------------------------- correctly rounded square root
+#if defined(LSFUSED_AVX2)
+LSF_INLINE vf native_sqrt(vf x) { return (vf)_mm256_sqrt_ps((__m256)x); }
+LSF_INLINE vd native_sqrt(vd x) { return (vd)_mm256_sqrt_pd((__m256d)x); }
+#elif defined(LSFUSED_X86)
+LSF_INLINE vf native_sqrt(vf x) { return (vf)_mm_sqrt_ps((__m128)x); }
+LSF_INLINE vd native_sqrt(vd x) { return (vd)_mm_sqrt_pd((__m128d)x); }
+#else  // other ISAs: the sqrt instruction per lane (IEEE; -fno-math-errno lets the compiler skip errno)
+LSF_INLINE vf native_sqrt(vf x) {
+  for (int i = 0; i < kFW; ++i) x[i] = __builtin_sqrtf(x[i]);
+  return x;
+}
+LSF_INLINE vd native_sqrt(vd x) {
+  for (int i = 0; i < kDW; ++i) x[i] = __builtin_sqrt(x[i]);
+  return x;
+}
+#endif
+LSF_INLINE F vsqrt(F x) {
+  for (auto& part : x.v) part = native_sqrt(part);
+  return x;
+}
+LSF_INLINE D vsqrt(D x) {
+  for (auto& part : x.v) part = native_sqrt(part);
+  return x;
+}
+
+// float -> double, exact: each native float vector gives two native double vectors.
+LSF_INLINE D to_f64(F x) {
+  D out;
+  for (int k = 0; k < F_parts; ++k) {
+#if defined(LSFUSED_AVX2)
+    out.v[2 * k] = (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)x.v[k]));
+    out.v[2 * k + 1] = (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)x.v[k], 1));
+#elif defined(LSFUSED_X86)
+    out.v[2 * k] = (vd)_mm_cvtps_pd((__m128)x.v[k]);
+    out.v[2 * k + 1] = (vd)_mm_cvtps_pd(_mm_movehl_ps((__m128)x.v[k], (__m128)x.v[k]));
+#else
+    for (int i = 0; i < kDW; ++i) {
+      out.v[2 * k][i] = x.v[k][i];
+      out.v[2 * k + 1][i] = x.v[k][kDW + i];
+    }
+#endif
+  }
+  return out;
+}
+LSF_INLINE D to_f64(D x) { return x; }
+
+// Lanes >= cnt set to 0 (tails: padding lanes may hold 0/0).
+LSF_INLINE D keep_first(D x, int cnt) {
+  vl idx;
+  for (int i = 0; i < kDW; ++i) idx[i] = i;
+  for (int k = 0; k < D_parts; ++k) x.v[k] = (idx + k * kDW) < cnt ? x.v[k] : vd{};
+  return x;
+}
+
+LSF_INLINE double lane_sum(D a) {  // fixed order
+  double l[kLanes];
+  __builtin_memcpy(l, &a, sizeof(l));
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// ---------------------------------------------------------------- fp16 / bf16 <-> fp32, round to nearest even
+// fp16: the branch-free conversions of the FP16 library (also c10's scalar ones), written for vectors. Checked
+// against torch's conversions on all 2^32 float inputs (NaN payloads aside) and all 2^16 fp16/bf16 values.
+LSF_INLINE vf half_to_float(vh h) {
+  const vu w = __builtin_convertvector(h, vu) << 16;
+  const vu sign = w & 0x80000000u;
+  const vu two_w = w + w;
+  const vf normalized = __builtin_bit_cast(vf, (two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const vf denormalized = __builtin_bit_cast(vf, (two_w >> 17) | (126u << 23)) - 0.5f;
+  const vu bits =
+      sign | (two_w < (1u << 27) ? __builtin_bit_cast(vu, denormalized) : __builtin_bit_cast(vu, normalized));
+  return __builtin_bit_cast(vf, bits);
+}
+
+LSF_INLINE vh float_to_half(vf f) {
+  const vu w = __builtin_bit_cast(vu, f);
+  const vf absf = __builtin_bit_cast(vf, w & 0x7FFFFFFFu);
+  vf base = (absf * 0x1.0p+112f) * 0x1.0p-110f;
+  const vu shl1_w = w + w;
+  const vu sign = w & 0x80000000u;
+  vu bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? vu{} + 0x71000000u : bias;
+  base = __builtin_bit_cast(vf, (bias >> 1) + 0x07800000u) + base;
+  const vu bits = __builtin_bit_cast(vu, base);
+  const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const vu out = (sign >> 16) | (shl1_w > 0xFF000000u ? vu{} + 0x7E00u : nonsign);
+  return __builtin_convertvector(out, vh);
+}
+
+LSF_INLINE vf bf16_to_float(vh h) { return __builtin_bit_cast(vf, __builtin_convertvector(h, vu) << 16); }
+
+LSF_INLINE vh float_to_bf16(vf f) {  // c10::BFloat16's rounding; NaN -> 0x7FC0
+  const vu u = __builtin_bit_cast(vu, f);
+  const vu rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const vu out = (u & 0x7FFFFFFFu) > 0x7F800000u ? vu{} + 0x7FC0u : rounded;
+  return __builtin_convertvector(out, vh);
+}
+
+// ---------------------------------------------------------------- loads and stores of 8 lanes
+struct F16 {
+  uint16_t bits;
+};
+struct BF16 {
+  uint16_t bits;
+};
+
+// Param<P>: S is the state/math dtype, V its 8-lane pack; load/store convert between P in memory and V.
+template <class P>
+struct Param;
+template <class P, class Pack>
+struct Plain {  // float, double: the pack's bytes are the values
+  using V = Pack;
+  static constexpr bool kCanStream = true;
+  static LSF_INLINE V load(const P* p) {
+    V x;
+    __builtin_memcpy(&x, p, sizeof(V));
+    return x;
+  }
+  static LSF_INLINE void store(P* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+  static LSF_INLINE V round(V x) { return x; }  // state value -> nearest P value, as S
+  // Non-temporal store (p aligned to kAlign): bypasses the caches and skips reading the line first.
+  static LSF_INLINE void store_nt(P* p, V x) {
+    for (unsigned k = 0; k < sizeof(x.v) / sizeof(x.v[0]); ++k) {
+#if defined(LSFUSED_AVX2)
+      if constexpr (sizeof(P) == 4) _mm256_stream_ps((float*)p + k * kFW, (__m256)x.v[k]);
+      else _mm256_stream_pd((double*)p + k * kDW, (__m256d)x.v[k]);
+#elif defined(LSFUSED_X86)
+      if constexpr (sizeof(P) == 4) _mm_stream_ps((float*)p + k * kFW, (__m128)x.v[k]);
+      else _mm_stream_pd((double*)p + k * kDW, (__m128d)x.v[k]);
+#else
+      __builtin_memcpy(p + k * (kBytes / sizeof(P)), &x.v[k], kBytes);
+#endif
+    }
+  }
+};
+template <>
+struct Param<float> : Plain<float, F> {
+  using S = float;
+};
+template <>
+struct Param<double> : Plain<double, D> {
+  using S = double;
+};
+template <class P, vf (*TO)(vh), vh (*FROM)(vf)>
+struct Half16 {  // fp16, bf16: converted per native vector
+  using S = float;
+  using V = F;
+  static constexpr bool kCanStream = false;
+  static LSF_INLINE V load(const P* p) {
+    V x;
+    for (int k = 0; k < F_parts; ++k) {
+      vh h;
+      __builtin_memcpy(&h, p + k * kFW, sizeof(h));
+      x.v[k] = TO(h);
+    }
+    return x;
+  }
+  static LSF_INLINE void store(P* p, V x) {
+    for (int k = 0; k < F_parts; ++k) {
+      const vh h = FROM(x.v[k]);
+      __builtin_memcpy(p + k * kFW, &h, sizeof(h));
+    }
+  }
+  static LSF_INLINE V round(V x) {
+    for (auto& part : x.v) part = TO(FROM(part));
+    return x;
+  }
+};
+template <>
+struct Param<F16> : Half16<F16, half_to_float, float_to_half> {};
+template <>
+struct Param<BF16> : Half16<BF16, bf16_to_float, float_to_bf16> {};
+
+// cnt < kLanes only in a tail: go through a zero-padded block.
+template <class P>
+LSF_INLINE typename Param<P>::V load_n(const P* p, int cnt) {
+  if (cnt == kLanes) return Param<P>::load(p);
+  P buf[kLanes] = {};
+  __builtin_memcpy(buf, p, cnt * sizeof(P));
+  return Param<P>::load(buf);
+}
+
+// NT: stream full blocks (the caller checked alignment; see streamable()).
+template <bool NT = false, class P>
+LSF_INLINE void store_n(P* p, typename Param<P>::V x, int cnt) {
+  if constexpr (NT && Param<P>::kCanStream) {
+    if (cnt == kLanes) return Param<P>::store_nt(p, x);
+  }
+  if (cnt == kLanes) return Param<P>::store(p, x);
+  P buf[kLanes];
+  Param<P>::store(buf, x);
+  __builtin_memcpy(p, buf, cnt * sizeof(P));
+}
+
+// Streaming (non-temporal) stores need every 8-lane block aligned: the chunk must start on a kAlign boundary.
+constexpr uintptr_t kAlign = 32;
+LSF_INLINE bool streamable(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % kAlign == 0; }
+LSF_INLINE void stream_fence() {
+#ifdef LSFUSED_X86
+  _mm_sfence();  // streamed stores become visible before the threads join
+#endif
+}
+
+// ---------------------------------------------------------------- Pass A
+// NT: stream the write-only outputs w0, d, dm (large buffers: nothing to gain from caching them).
+template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT>
+void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
+  using S = typename Param<P>::S;
+  using V = typename Param<P>::V;
+  const P* g = static_cast<const P*>(ptr.g) + begin;
+  const P* w = static_cast<const P*>(ptr.w) + begin;
+  S* w0 = static_cast<S*>(ptr.w0) + begin;
+  S* d = static_cast<S*>(ptr.d) + begin;
+  S* v = ADAM ? static_cast<S*>(ptr.v) + begin : nullptr;
+  S* m = HAS_M ? static_cast<S*>(ptr.m) + begin : nullptr;
+  S* dm = HAS_DM ? static_cast<S*>(ptr.dm) + begin : nullptr;
+  // Hyperparameters rounded to the state dtype, as the reference's scalar operands are (1-b computed in float64).
+  const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
+  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale);
+  D acc_s = {}, acc_gg = {}, acc_gd = {}, acc_dd = {}, acc_gdm = {};
+
+  auto block = [&](int64_t i, int cnt) __attribute__((always_inline)) {
+    const V gs = load_n(g + i, cnt);
+    // w*1 == w bit for bit, so wd_scale == 1 needs no separate path.
+    store_n<NT>(w0 + i, load_n(w + i, cnt) * wd, cnt);
+    const D g64 = to_f64(gs);
+    D s, gdm = {};
+    V dv;
+    if constexpr (ADAM) {
+      V vv = load_n(v + i, cnt);
+      vv = vv * b2 + (gs * omb2) * gs;
+      store_n(v + i, vv, cnt);
+      const V denom = vsqrt(vv) / sqrt_bc2 + eps;
+      dv = -(gs / denom);
+      s = g64 * g64 / to_f64(denom);
+      V src = gs;
+      if constexpr (HAS_M) {
+        src = load_n(m + i, cnt) * b1 + gs * omb1;
+        store_n(m + i, src, cnt);
+      }
+      if constexpr (HAS_DM) {
+        const V dmv = -((src / bc1) / denom);
+        store_n<NT>(dm + i, dmv, cnt);
+        gdm = g64 * to_f64(dmv);
+      }
+    } else {
+      dv = -gs;
+      s = g64 * g64;
+    }
+    store_n<NT>(d + i, dv, cnt);
+    const D d64 = to_f64(dv);
+    D gg = g64 * g64, gd = g64 * d64, dd = d64 * d64;
+    if (cnt < kLanes) {  // padding lanes may hold 0/0: keep them out of the sums
+      s = keep_first(s, cnt);
+      gg = keep_first(gg, cnt);
+      gd = keep_first(gd, cnt);
+      dd = keep_first(dd, cnt);
+      gdm = keep_first(gdm, cnt);
+    }
+    acc_s = acc_s + s;
+    acc_gg = acc_gg + gg;
+    acc_gd = acc_gd + gd;
+    acc_dd = acc_dd + dd;
+    acc_gdm = acc_gdm + gdm;
+  };
+
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) block(i, kLanes);
+  if (i < n) block(i, static_cast<int>(n - i));
+  out[0] = lane_sum(acc_s);
+  out[1] = lane_sum(acc_gg);
+  out[2] = lane_sum(acc_gd);
+  out[3] = lane_sum(acc_dd);
+  out[4] = lane_sum(acc_gdm);
+  if (NT) stream_fence();
+}
+
+template <class P, bool NT>
+void pass_a_mode(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
+  if (mode == 0) return pass_a<P, false, false, false, NT>(ptr, begin, n, hp, out);
+  const int key = (ptr.m != nullptr) * 2 + (ptr.dm != nullptr);
+  switch (key) {
+    case 0:
+      return pass_a<P, true, false, false, NT>(ptr, begin, n, hp, out);
+    case 1:
+      return pass_a<P, true, false, true, NT>(ptr, begin, n, hp, out);
+    case 2:
+      return pass_a<P, true, true, false, NT>(ptr, begin, n, hp, out);
+    default:
+      return pass_a<P, true, true, true, NT>(ptr, begin, n, hp, out);
+  }
+}
+
+template <class P>
+void pass_a_nt(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out, bool nt) {
+  using S = typename Param<P>::S;
+  const auto at = [&](void* p) { return p == nullptr ? nullptr : static_cast<S*>(p) + begin; };
+  if (nt && streamable(at(ptr.w0)) && streamable(at(ptr.d)) && streamable(at(ptr.dm))) {
+    return pass_a_mode<P, true>(mode, ptr, begin, n, hp, out);
+  }
+  pass_a_mode<P, false>(mode, ptr, begin, n, hp, out);
+}
+
+// ---------------------------------------------------------------- Pass B and restore
+template <class P, bool NT>
+void trial_step_t(P* w, const void* w0_, const void* d_, double eta, int64_t begin, int64_t n) {
+  using S = typename Param<P>::S;
+  const S* w0 = static_cast<const S*>(w0_) + begin;
+  const S* d = static_cast<const S*>(d_) + begin;
+  const S eta_s = S(eta);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    store_n<NT>(w + i, load_n(w0 + i, kLanes) + eta_s * load_n(d + i, kLanes), kLanes);
+  }
+  if (i < n) {
+    const int cnt = static_cast<int>(n - i);
+    store_n(w + i, load_n(w0 + i, cnt) + eta_s * load_n(d + i, cnt), cnt);
+  }
+  if (NT) stream_fence();
+}
+
+template <class P, bool NT>
+void restore_t(P* w, const void* w0_, int64_t begin, int64_t n) {  // exact: w0 holds values of P
+  using S = typename Param<P>::S;
+  const S* w0 = static_cast<const S*>(w0_) + begin;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_n<NT>(w + i, load_n(w0 + i, kLanes), kLanes);
+  if (i < n) store_n(w + i, load_n(w0 + i, static_cast<int>(n - i)), static_cast<int>(n - i));
+  if (NT) stream_fence();
+}
+
+template <class P>
+void trial_step_nt(void* w_, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {
+  P* w = static_cast<P*>(w_) + begin;
+  if (nt && streamable(w)) return trial_step_t<P, true>(w, w0, d, eta, begin, n);
+  trial_step_t<P, false>(w, w0, d, eta, begin, n);
+}
+
+template <class P>
+void restore_nt(void* w_, const void* w0, int64_t begin, int64_t n, bool nt) {
+  P* w = static_cast<P*>(w_) + begin;
+  if (nt && streamable(w)) return restore_t<P, true>(w, w0, begin, n);
+  restore_t<P, false>(w, w0, begin, n);
+}
+
+// Per range [moving, absorbed]: elements with d != 0, and those of them where w equals w0 rounded to the param
+// dtype (reference.absorbed_counts). Zero-padded tails have d == 0, so they count nowhere.
+template <class P>
+void absorbed_t(const void* w_, const void* w0_, const void* d_, int64_t begin, int64_t n, int64_t* out) {
+  using S = typename Param<P>::S;
+  using V = typename Param<P>::V;
+  using M = decltype(V{}.v[0] != 0);  // lane mask: 0 or -1, as int32 (float) or int64 (double) lanes
+  constexpr int kParts = sizeof(V{}.v) / sizeof(V{}.v[0]);
+  const P* w = static_cast<const P*>(w_) + begin;
+  const S* w0 = static_cast<const S*>(w0_) + begin;
+  const S* d = static_cast<const S*>(d_) + begin;
+  M moving[kParts] = {}, absorbed[kParts] = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int cnt = n - i < kLanes ? static_cast<int>(n - i) : kLanes;
+    const V wv = load_n(w + i, cnt), w0v = Param<P>::round(load_n(w0 + i, cnt)), dv = load_n(d + i, cnt);
+    for (int k = 0; k < kParts; ++k) {
+      const M mv = dv.v[k] != 0;  // true for NaN, as in torch
+      moving[k] -= mv;
+      absorbed[k] -= mv & (wv.v[k] == w0v.v[k]);
+    }
+  }
+  out[0] = out[1] = 0;
+  for (int k = 0; k < kParts; ++k) {
+    for (unsigned j = 0; j < sizeof(M) / sizeof(moving[k][0]); ++j) {
+      out[0] += moving[k][j];
+      out[1] += absorbed[k][j];
+    }
+  }
+}
+
+// Exponent all ones <=> inf or NaN.
+template <class U, U EXP>
+int64_t nonfinite_t(const void* g_, int64_t begin, int64_t n) {
+  const U* g = static_cast<const U*>(g_) + begin;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += (g[i] & EXP) == EXP;
+  return count;
+}
+
+// ---------------------------------------------------------------- dtype dispatch
+void pass_a_any(DType t, int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out,
+                bool nt) {
+  switch (t) {
+    case DType::kF32:
+      return pass_a_nt<float>(mode, ptr, begin, n, hp, out, nt);
+    case DType::kF64:
+      return pass_a_nt<double>(mode, ptr, begin, n, hp, out, nt);
+    case DType::kF16:
+      return pass_a_nt<F16>(mode, ptr, begin, n, hp, out, nt);
+    case DType::kBF16:
+      return pass_a_nt<BF16>(mode, ptr, begin, n, hp, out, nt);
+  }
+}
+
+void trial_step_any(DType t, void* w, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {
+  switch (t) {
+    case DType::kF32:
+      return trial_step_nt<float>(w, w0, d, eta, begin, n, nt);
+    case DType::kF64:
+      return trial_step_nt<double>(w, w0, d, eta, begin, n, nt);
+    case DType::kF16:
+      return trial_step_nt<F16>(w, w0, d, eta, begin, n, nt);
+    case DType::kBF16:
+      return trial_step_nt<BF16>(w, w0, d, eta, begin, n, nt);
+  }
+}
+
+void restore_any(DType t, void* w, const void* w0, int64_t begin, int64_t n, bool nt) {
+  switch (t) {
+    case DType::kF32:
+      return restore_nt<float>(w, w0, begin, n, nt);
+    case DType::kF64:
+      return restore_nt<double>(w, w0, begin, n, nt);
+    case DType::kF16:
+      return restore_nt<F16>(w, w0, begin, n, nt);
+    case DType::kBF16:
+      return restore_nt<BF16>(w, w0, begin, n, nt);
+  }
+}
+
+void absorbed_any(DType t, const void* w, const void* w0, const void* d, int64_t begin, int64_t n, int64_t* out) {
+  switch (t) {
+    case DType::kF32:
+      return absorbed_t<float>(w, w0, d, begin, n, out);
+    case DType::kF64:
+      return absorbed_t<double>(w, w0, d, begin, n, out);
+    case DType::kF16:
+      return absorbed_t<F16>(w, w0, d, begin, n, out);
+    case DType::kBF16:
+      return absorbed_t<BF16>(w, w0, d, begin, n, out);
+  }
+}
+
+int64_t nonfinite_any(DType t, const void* g, int64_t begin, int64_t n) {
+  switch (t) {
+    case DType::kF32:
+      return nonfinite_t<uint32_t, 0x7F800000u>(g, begin, n);
+    case DType::kF64:
+      return nonfinite_t<uint64_t, 0x7FF0000000000000ull>(g, begin, n);
+    case DType::kF16:
+      return nonfinite_t<uint16_t, 0x7C00u>(g, begin, n);
+    case DType::kBF16:
+      return nonfinite_t<uint16_t, 0x7F80u>(g, begin, n);
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern const KernelTable LSFUSED_TABLE;
+const KernelTable LSFUSED_TABLE = {LSFUSED_ISA_NAME, pass_a_any,    trial_step_any,
+                                   restore_any,      absorbed_any, nonfinite_any};
+
+}  // namespace lsfused

@@ -1,0 +1,261 @@
+// CUDA kernels of the lsfused_cpp ops (built only when nvcc and a CUDA-enabled torch are present).
+//
+// The math and its order are those of lsfused/reference.py. Every operation goes through an explicitly rounded
+// intrinsic (__fmul_rn, __fdiv_rn, __fsqrt_rn, ...), which nvcc never contracts into an FMA, and the build also
+// passes --fmad=false. Sums: per-thread float64 accumulators, a fixed tree per block into a [blocks, 5] partial
+// buffer, then a second kernel adds the partials in a fixed order (no atomics): deterministic. One launch per range.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace lsfused {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 4;  // elements per thread and block: kThreads * kItems
+constexpr int64_t kBlockElems = kThreads * kItems;
+
+struct HpArgs {
+  double b1, b2, eps, bc1, sqrt_bc2, wd_scale;
+};
+
+// Separately rounded operations, never contracted.
+__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+
+// Block-wide float64 sum of one value per thread, in a fixed tree order; the result is valid in thread 0.
+__device__ double block_sum(double x, double* shared) {
+  shared[threadIdx.x] = x;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = __dadd_rn(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();
+  return total;
+}
+
+template <class P, class S, bool ADAM, bool HAS_M, bool HAS_DM>
+__global__ void pass_a_kernel(const P* __restrict__ g, const P* __restrict__ w, S* __restrict__ w0,
+                              S* __restrict__ d, S* __restrict__ v, S* __restrict__ m, S* __restrict__ dm,
+                              int64_t start, int64_t n, HpArgs hp, double* __restrict__ part) {
+  __shared__ double shared[kThreads];
+  const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
+  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale);
+  double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t local = base + k * kThreads;
+    if (local >= n) break;
+    const int64_t i = start + local;
+    const S gs = static_cast<S>(g[i]);
+    w0[i] = mul(static_cast<S>(w[i]), wd);  // w*1 == w bit for bit
+    const double g64 = static_cast<double>(gs);
+    double s, gdm = 0.0;
+    S dv;
+    if constexpr (ADAM) {
+      const S vv = add(mul(v[i], b2), mul(mul(gs, omb2), gs));
+      v[i] = vv;
+      const S denom = add(div(sqrt_rn(vv), sqrt_bc2), eps);
+      dv = -div(gs, denom);
+      s = __ddiv_rn(__dmul_rn(g64, g64), static_cast<double>(denom));
+      S src = gs;
+      if constexpr (HAS_M) {
+        src = add(mul(m[i], b1), mul(gs, omb1));
+        m[i] = src;
+      }
+      if constexpr (HAS_DM) {
+        const S dmv = -div(div(src, bc1), denom);
+        dm[i] = dmv;
+        gdm = __dmul_rn(g64, static_cast<double>(dmv));
+      }
+    } else {
+      dv = -gs;
+      s = __dmul_rn(g64, g64);
+    }
+    d[i] = dv;
+    const double d64 = static_cast<double>(dv);
+    acc[0] = __dadd_rn(acc[0], s);
+    acc[1] = __dadd_rn(acc[1], __dmul_rn(g64, g64));
+    acc[2] = __dadd_rn(acc[2], __dmul_rn(g64, d64));
+    acc[3] = __dadd_rn(acc[3], __dmul_rn(d64, d64));
+    acc[4] = __dadd_rn(acc[4], gdm);
+  }
+  for (int c = 0; c < kNormColumns; ++c) {
+    const double total = block_sum(acc[c], shared);
+    if (threadIdx.x == 0) part[blockIdx.x * kNormColumns + c] = total;
+  }
+}
+
+// Second pass: out[c] = sum over blocks of part[b, c], in a fixed order (one block).
+__global__ void finish_sums_kernel(const double* __restrict__ part, int64_t blocks, double* __restrict__ out) {
+  __shared__ double shared[kThreads];
+  for (int c = 0; c < kNormColumns; ++c) {
+    double x = 0.0;
+    for (int64_t b = threadIdx.x; b < blocks; b += kThreads) x = __dadd_rn(x, part[b * kNormColumns + c]);
+    const double total = block_sum(x, shared);
+    if (threadIdx.x == 0) out[c] = total;
+  }
+}
+
+template <class P, class S>
+__global__ void trial_step_kernel(P* __restrict__ w, const S* __restrict__ w0, const S* __restrict__ d,
+                                  const double* __restrict__ eta, int64_t start, int64_t n) {
+  const S eta_s = static_cast<S>(*eta);
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t local = base + k * kThreads;
+    if (local >= n) break;
+    const int64_t i = start + local;
+    w[i] = static_cast<P>(add(w0[i], mul(eta_s, d[i])));
+  }
+}
+
+template <class P, class S>
+__global__ void restore_kernel(P* __restrict__ w, const S* __restrict__ w0, int64_t start, int64_t n) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t local = base + k * kThreads;
+    if (local >= n) break;
+    w[start + local] = static_cast<P>(w0[start + local]);
+  }
+}
+
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kBlockElems - 1) / kBlockElems); }
+
+// Calls f with a null pointer of the param type and of the state type.
+template <class F>
+void dispatch(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+    case at::kDouble:
+      return f(static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+    case at::kHalf:
+      return f(static_cast<c10::Half*>(nullptr), static_cast<float*>(nullptr));
+    case at::kBFloat16:
+      return f(static_cast<c10::BFloat16*>(nullptr), static_cast<float*>(nullptr));
+    default:
+      TORCH_CHECK(false, "lsfused: unsupported dtype ", t);
+  }
+}
+
+template <class T>
+T* ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+at::Tensor direction_and_norms_cuda(const at::Tensor& g, const at::Tensor& w, at::Tensor& w0, at::Tensor& d,
+                                    const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
+                                    const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
+                                    at::ArrayRef<double> hp, int64_t mode) {
+  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n_ranges = static_cast<int64_t>(ranges.size() / 2);
+  at::Tensor out = at::zeros({n_ranges, kNormColumns}, w.options().dtype(at::kDouble));
+  int64_t total_blocks = 0;
+  for (int64_t r = 0; r < n_ranges; ++r) total_blocks += blocks_for(ranges[2 * r + 1] - ranges[2 * r]);
+  at::Tensor part = at::empty({std::max<int64_t>(total_blocks, 1), kNormColumns}, out.options());
+  const bool adam = mode == kModeAdam, has_m = adam && m.has_value(), has_dm = adam && dm.has_value();
+  dispatch(w.scalar_type(), [&](auto* p_tag, auto* s_tag) {
+    using P = std::remove_pointer_t<decltype(p_tag)>;
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    const P* gp = static_cast<const P*>(g.data_ptr());
+    const P* wp = static_cast<const P*>(w.data_ptr());
+    S *w0p = static_cast<S*>(w0.data_ptr()), *dp = static_cast<S*>(d.data_ptr());
+    S *vp = adam ? ptr<S>(v) : nullptr, *mp = ptr<S>(m), *dmp = ptr<S>(dm);
+    int64_t offset = 0;
+    for (int64_t r = 0; r < n_ranges; ++r) {
+      const int64_t a = ranges[2 * r], n = ranges[2 * r + 1] - a;
+      if (n == 0) continue;
+      const double* row = hp.data() + r * kHpColumns;
+      const HpArgs h{row[0], row[1], row[2], row[3], row[4], row[5]};
+      const unsigned blocks = blocks_for(n);
+      double* pp = part.data_ptr<double>() + offset * kNormColumns;
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, w0p, dp, vp, mp, dmp, a, n, h, pp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (!adam) {
+        launch(pass_a_kernel<P, S, false, false, false>);
+      } else if (has_m && has_dm) {
+        launch(pass_a_kernel<P, S, true, true, true>);
+      } else if (has_m) {
+        launch(pass_a_kernel<P, S, true, true, false>);
+      } else if (has_dm) {
+        launch(pass_a_kernel<P, S, true, false, true>);
+      } else {
+        launch(pass_a_kernel<P, S, true, false, false>);
+      }
+      finish_sums_kernel<<<1, kThreads, 0, stream>>>(pp, blocks, out.data_ptr<double>() + r * kNormColumns);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      offset += blocks;
+    }
+  });
+  return out;
+}
+
+void trial_step_cuda(at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
+                     const at::Tensor& eta) {
+  check_trial_step(w, w0, d, ranges, eta);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor eta64 = eta.to(at::kDouble).contiguous();  // stays on the device: no sync
+  dispatch(w.scalar_type(), [&](auto* p_tag, auto* s_tag) {
+    using P = std::remove_pointer_t<decltype(p_tag)>;
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    for (size_t r = 0; r < ranges.size() / 2; ++r) {
+      const int64_t a = ranges[2 * r], n = ranges[2 * r + 1] - a;
+      if (n == 0) continue;
+      trial_step_kernel<P, S><<<blocks_for(n), kThreads, 0, stream>>>(
+          static_cast<P*>(w.data_ptr()), static_cast<const S*>(w0.data_ptr()), static_cast<const S*>(d.data_ptr()),
+          eta64.data_ptr<double>() + r, a, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+void restore_cuda(at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ranges) {
+  check_restore(w, w0, ranges);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(w.scalar_type(), [&](auto* p_tag, auto* s_tag) {
+    using P = std::remove_pointer_t<decltype(p_tag)>;
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    for (size_t r = 0; r < ranges.size() / 2; ++r) {
+      const int64_t a = ranges[2 * r], n = ranges[2 * r + 1] - a;
+      if (n == 0) continue;
+      restore_kernel<P, S><<<blocks_for(n), kThreads, 0, stream>>>(static_cast<P*>(w.data_ptr()),
+                                                                   static_cast<const S*>(w0.data_ptr()), a, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace
+}  // namespace lsfused
+
+TORCH_LIBRARY_IMPL(lsfused_cpp, CUDA, m) {
+  m.impl("direction_and_norms", &lsfused::direction_and_norms_cuda);
+  m.impl("trial_step", &lsfused::trial_step_cuda);
+  m.impl("restore", &lsfused::restore_cuda);
+}

@@ -1,0 +1,24 @@
+"""Where the C++/CUDA extension's sources are and how to compile them: shared by ``setup.py`` (which loads this file
+by path, before lsfused is installed) and the JIT build of ``lsfused.kernels.cpp_ops``. Imports nothing but the
+standard library at module level."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+NAME = "lsfused_cpp"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("ops.cpp", "cpu_kernels_base.cpp", "cpu_kernels_avx2.cpp")
+CUDA_SOURCES = ("cuda_kernels.cu",)
+# Portable flags (no -march=native: cpu_kernels_avx2.cpp adds AVX2 for its own functions and ops.cpp picks it at
+# run time). -ffp-contract=off / --fmad=false: no FMA contraction, every operation rounded on its own, as in
+# lsfused/reference.py. -fno-math-errno only drops errno handling; sqrt stays the IEEE instruction.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
+LD_FLAGS = ["-fopenmp"]  # at::parallel_for's OpenMP region is compiled into the extension
+NVCC_FLAGS = ["-O3", "--fmad=false", "--expt-relaxed-constexpr"]
+
+
+def source_dir() -> Path:
+    """``LSFUSED_EXT_SOURCE_DIR`` (tests point it at a broken copy) or the checkout's ``csrc/``."""
+    return Path(os.environ.get("LSFUSED_EXT_SOURCE_DIR") or CSRC)

@@ -1,0 +1,170 @@
+"""The ``cpp`` backend: the fused ops as C++ (CPU) and CUDA kernels, ``torch.ops.lsfused_cpp`` (sources in ``csrc/``).
+
+The extension is loaded on first use (``lsfused.backends()`` probes it): a library built by ``setup.py``
+(``lsfused/_C*.so``) when one is present and not older than the sources, else a JIT build with
+``torch.utils.cpp_extension.load`` (ninja), cached in ``LSFUSED_BUILD_DIR`` or ``~/.cache/lsfused/<tag>`` so only the
+first use compiles. CUDA kernels are JIT-built only when torch has CUDA and sees a GPU. The outcome (``None`` or
+the reason it failed) is kept for the process; ``LSFUSED_SKIP_EXT=1`` turns the backend off. Importing this module
+never compiles or raises.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lsfused.kernels import _cpp_build as build
+
+_lock = threading.Lock()
+_outcome: list[str | None] = []  # [] until tried, then [None] (loaded) or [reason]
+
+
+def load_error() -> str | None:
+    """``None`` once the extension is loaded (building it on the first call), else why it cannot be."""
+    if os.environ.get("LSFUSED_SKIP_EXT") == "1":
+        return "LSFUSED_SKIP_EXT=1 is set: the C++ extension is neither built nor loaded"
+    with _lock:
+        if not _outcome:
+            _outcome.append(_load())
+    return _outcome[0]
+
+
+def has_cuda() -> bool:
+    """Whether the loaded extension has CUDA kernels."""
+    return load_error() is None and _registered("CUDA")
+
+
+def _registered(key: str = "CPU") -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("lsfused_cpp::restore", key)
+    except RuntimeError:  # the op does not exist (yet)
+        return False
+
+
+def _prebuilt() -> Path | None:
+    """The library ``setup.py`` built into the package, unless the sources next to it are newer (a stale build) or
+    ``LSFUSED_EXT_SOURCE_DIR`` asks for a build from other sources."""
+    found = sorted(Path(__file__).resolve().parents[1].glob("_C*.so"))
+    if not found or os.environ.get("LSFUSED_EXT_SOURCE_DIR"):
+        return None
+    lib = found[0]
+    if build.CSRC.is_dir() and any(s.stat().st_mtime > lib.stat().st_mtime for s in build.CSRC.iterdir()):
+        return None
+    return lib
+
+
+def _build_dir(with_cuda: bool) -> Path:
+    if os.environ.get("LSFUSED_BUILD_DIR"):
+        return Path(os.environ["LSFUSED_BUILD_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+    return cache / "lsfused" / tag.replace("+", "_")
+
+
+def _jit() -> None:
+    from torch.utils import cpp_extension
+
+    src = build.source_dir()
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and torch.cuda.is_available()
+    names = build.CPU_SOURCES + (build.CUDA_SOURCES if with_cuda else ())
+    missing = [n for n in names if not (src / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"C++ sources {missing} not found in {src} (a source checkout is needed to JIT-build)")
+    venv_bin = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():  # pip's ninja in an unactivated venv
+        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    build_dir = _build_dir(with_cuda)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=build.NAME,
+        sources=[str(src / n) for n in names],
+        extra_cflags=build.CXX_FLAGS,
+        extra_ldflags=build.LD_FLAGS,
+        extra_cuda_cflags=build.NVCC_FLAGS,
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("LSFUSED_EXT_VERBOSE") == "1",
+    )
+
+
+def _summary(err: BaseException) -> str:
+    """The first line of a build error plus the compiler's error lines, short enough for a reason string."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    head = re.sub(r": \[\d+/\d+\] .*", "", lines[0]).strip()  # drop ninja's echo of the compile command
+    errors = [ln.strip() for ln in lines[1:] if "error" in ln.lower() and not ln.lstrip().startswith(("[", "FAILED"))]
+    text = "; ".join([head, *errors[:4]])
+    return f"the C++ extension could not be built or loaded ({type(err).__name__}: {text[:1500]})"
+
+
+def _load() -> str | None:
+    try:
+        if not _registered():
+            lib = _prebuilt()
+            if lib is not None:
+                torch.ops.load_library(str(lib))
+            else:
+                _jit()
+        if not _registered():
+            return "the C++ extension loaded but registered no lsfused_cpp kernels"
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure leaves the other backends working
+        return _summary(err)
+
+
+def _lib():
+    reason = load_error()
+    if reason is not None:
+        raise RuntimeError(f"the cpp backend is unavailable: {reason}")
+    return torch.ops.lsfused_cpp
+
+
+def direction_and_norms(
+    g: Tensor,
+    w: Tensor,
+    w0: Tensor,
+    d: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    dm: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    mode: int,
+) -> Tensor:
+    return _lib().direction_and_norms(g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode))
+
+
+def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
+    _lib().trial_step(w, w0, d, list(ranges), eta.to(device=w.device, dtype=torch.float64))
+
+
+def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
+    _lib().restore(w, w0, list(ranges))
+
+
+def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
+    """``reference.absorbed_counts`` in one read-only pass on CPU; the reference's torch ops elsewhere."""
+    if w.device.type == "cpu":
+        return _lib().absorbed_counts(w, w0, d, list(ranges))
+    from lsfused.reference import absorbed_counts as reference_counts
+
+    return reference_counts(w, w0, d, ranges)
+
+
+def nonfinite_count(g: Tensor) -> int:
+    """Number of inf/NaN entries: one read-only pass on CPU (no temporaries); torch's count elsewhere."""
+    if g.device.type == "cpu" and g.is_contiguous():
+        return int(_lib().nonfinite_count(g))
+    return int((~torch.isfinite(g)).sum())
+
+
+def cpu_isa() -> str:
+    """Which copy of the CPU kernels runs here: ``"avx2"`` or ``"baseline"``."""
+    return _lib().cpu_isa()

@@ -1,0 +1,271 @@
+"""The ``cpp`` backend (C++ extension) beyond the shared op/parity tests: thread-count independence, the streaming
+path for large buffers, the baseline-ISA copy, input checks, fallbacks when the extension is missing or broken, and
+an nvcc compile of the CUDA kernels.
+
+The shared tests (test_ops.py, test_backend_parity.py) already run every op and optimizer on ``cpp`` against the
+torch reference once it is available: elementwise results bit-identical, sums within 1e-12 of an fsum.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lsfused
+from lsfused import reference as ref
+from lsfused.kernels import _cpp_build
+
+CPP = lsfused.backends()["cpp"] is None
+needs_cpp = pytest.mark.skipif(not CPP, reason=f"cpp backend unavailable: {lsfused.backends()['cpp']}")
+HP = [0.9, 0.999, 1e-8, 1 - 0.9**3, math.sqrt(1 - 0.999**3), 1.0]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def buffers(n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn(n, generator=gen).to(dtype)
+    w = torch.randn(n, generator=gen).to(dtype)
+    v = torch.rand(n, generator=gen, dtype=sdt) * 0.01
+    m = torch.randn(n, generator=gen, dtype=sdt) * 0.1
+    return g, w, v, m
+
+
+def pass_a(backend, g, w, v, m, ranges, mode=ref.MODE_ADAM, hp=HP):
+    sdt = v.dtype
+    out = {k: torch.full((g.numel(),), math.nan, dtype=sdt) for k in ("w0", "d", "dm")}
+    out["v"], out["m"] = v.clone(), m.clone()
+    if mode == ref.MODE_SGD:
+        out["v"] = out["m"] = out["dm"] = None
+    sums = lsfused._ops.direction_and_norms(
+        g, w, out["w0"], out["d"], out["v"], out["m"], out["dm"], ranges, hp * (len(ranges) // 2), mode, backend
+    )
+    return sums, out
+
+
+def assert_same_outputs(a, b):
+    for key in a:
+        assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
+
+
+@needs_cpp
+def test_auto_prefers_cpp_on_cpu():
+    model = torch.nn.Linear(3, 2)
+    assert lsfused.AdamSLS(model.parameters()).backend == "cpp"
+
+
+@needs_cpp
+def test_sums_do_not_depend_on_the_thread_count():
+    n = 300_001  # ~10 chunks, several ranges, one not starting on a vector boundary
+    g, w, v, m = buffers(n, torch.float32)
+    ranges = [0, 100_003, 100_003, 250_000, 250_000, n]
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results[threads] = pass_a("cpp", g, w, v, m, ranges)
+    finally:
+        torch.set_num_threads(before)
+    sums1, out1 = results[1]
+    for threads in (2, 4):
+        sums, out = results[threads]
+        assert torch.equal(sums, sums1), f"{threads} threads"  # bit for bit
+        assert_same_outputs(out, out1)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_buffers_take_the_streaming_path_bit_exactly(dtype):
+    """Above 2^21 elements, Pass B, restore and SGD's Pass A stream their stores; ranges may start unaligned."""
+    n = (1 << 21) + 37
+    g, w, v, m = buffers(n, dtype, seed=5)
+    ranges = [0, 3, 3, 1_000_001, 1_000_001, n]
+    for mode in (ref.MODE_SGD, ref.MODE_ADAM):
+        sums, out = pass_a("cpp", g, w, v, m, ranges, mode)
+        ref_sums, ref_out = pass_a("torch", g, w, v, m, ranges, mode)
+        assert_same_outputs(out, ref_out)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=0)
+    w0, d = out["w0"], out["d"]
+    eta = torch.tensor([0.5, 1e-3, 0.25], dtype=torch.float64)
+    expected, got = w.clone(), w.clone()
+    ref.trial_step(expected, w0, d, ranges, eta)
+    lsfused._ops.trial_step(got, w0, d, ranges, eta, "cpp")
+    assert torch.equal(got, expected)
+    lsfused._ops.restore(got, w0, ranges, "cpp")
+    assert torch.equal(got, w)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_ranges_tails_and_weight_decay(dtype):
+    sizes = [0, 1, 5, 8, 9, 17, 0, 33]
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    ranges = [x for a, b in zip(offsets[:-1], offsets[1:], strict=True) for x in (a, b)]
+    g, w, v, m = buffers(offsets[-1], dtype, seed=2)
+    hp = HP[:5] + [1.0 - 0.01 * 0.3]  # wd_scale != 1
+    for mode in (ref.MODE_SGD, ref.MODE_ADAM):
+        sums, out = pass_a("cpp", g, w, v, m, ranges, mode, hp)
+        ref_sums, ref_out = pass_a("torch", g, w, v, m, ranges, mode, hp)
+        assert_same_outputs(out, ref_out)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=0)
+        assert sums[0].abs().sum() == 0 and sums[6].abs().sum() == 0  # empty ranges
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_count(dtype):
+    from lsfused.kernels import cpp_ops
+
+    g = torch.randn(100_003).to(dtype)
+    assert cpp_ops.nonfinite_count(g) == 0
+    g[[0, 17, 50_000, 100_002]] = torch.tensor([math.inf, -math.inf, math.nan, math.nan], dtype=dtype)
+    assert cpp_ops.nonfinite_count(g) == 4 == int((~torch.isfinite(g)).sum())
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_absorbed_counts_match_reference(dtype):
+    from lsfused.kernels import cpp_ops
+
+    n = 100_003
+    g, w, _, _ = buffers(n, dtype, seed=4)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w0 = w.to(sdt)
+    d = g.to(sdt)
+    d[::7] = 0.0
+    d[5] = math.nan
+    ranges = [0, 13, 13, 13, 13, 60_000, 60_000, n]
+    w = w.clone()
+    ref.trial_step(w, w0, d, ranges, torch.tensor([1e-9, 0.5, 1e-4, 1e-30], dtype=torch.float64))
+    w[3] = math.nan
+    got = cpp_ops.absorbed_counts(w, w0, d, ranges)
+    expected = ref.absorbed_counts(w, w0, d, ranges)
+    assert torch.equal(got, expected)
+    assert expected[:, 1].sum() > 0 and (expected[:, 1] < expected[:, 0]).any()  # both kinds occur
+
+
+@needs_cpp
+def test_input_checks():
+    ops = torch.ops.lsfused_cpp
+    g, w, v, _ = buffers(10, torch.float32)
+    w0, d = torch.empty(10), torch.empty(10)
+    with pytest.raises(RuntimeError, match="w0 must be Float"):
+        ops.direction_and_norms(g, w, w0.double(), d, v, None, None, [0, 10], HP, 1)
+    with pytest.raises(RuntimeError, match="not inside"):
+        ops.direction_and_norms(g, w, w0, d, v, None, None, [0, 11], HP, 1)
+    with pytest.raises(RuntimeError, match="pairs"):
+        ops.restore(w, w0, [0])
+    with pytest.raises(RuntimeError, match="hp must hold"):
+        ops.direction_and_norms(g, w, w0, d, v, None, None, [0, 10], HP[:5], 1)
+    with pytest.raises(RuntimeError, match="needs the second moment"):
+        ops.direction_and_norms(g, w, w0, d, None, None, None, [0, 10], HP, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.restore(w, torch.empty(20)[::2], [0, 10])
+
+
+def run_python(code: str, **env) -> dict:
+    """Run ``code`` in a fresh interpreter (so this process keeps its loaded extension); it prints one JSON line."""
+    full_env = {**os.environ, **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_cpp
+def test_baseline_isa_copy_matches_reference_and_avx2_sums(tmp_path):
+    """LSFUSED_CPU_ISA=baseline forces the SSE2 copy; its sums equal the default copy's bit for bit (8 logical lanes
+    in both)."""
+    code = f"""
+        import json, torch, lsfused
+        from lsfused.kernels import cpp_ops
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_cpp import buffers, pass_a
+        assert cpp_ops.cpu_isa() == "baseline", cpp_ops.cpu_isa()
+        res = {{}}
+        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            g, w, v, m = buffers(70_001, dt, seed=9)
+            sums, out = pass_a("cpp", g, w, v, m, [0, 7, 7, 70_001])
+            ref_sums, ref_out = pass_a("torch", g, w, v, m, [0, 7, 7, 70_001])
+            same = all(torch.equal(out[k], ref_out[k]) for k in out)
+            res[str(dt)] = [same, sums.tolist()]
+        print(json.dumps(res))
+    """
+    res = run_python(code, LSFUSED_CPU_ISA="baseline")
+    for dt in DTYPES:
+        same, sums = res[str(dt)]
+        assert same, dt
+        g, w, v, m = buffers(70_001, dt, seed=9)
+        mine, _ = pass_a("cpp", g, w, v, m, [0, 7, 7, 70_001])
+        assert mine.tolist() == sums, dt
+
+
+FALLBACK_CHECK = """
+    import json, torch, lsfused
+    reason = lsfused.backends()["cpp"]
+    model = torch.nn.Linear(3, 2)
+    try:
+        lsfused.AdamSLS(model.parameters(), backend="cpp")
+        raised = None
+    except ValueError as err:
+        raised = str(err)
+    opt = lsfused.AdamSLS(model.parameters(), backend="auto")
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    print(json.dumps({"reason": reason, "raised": raised, "auto": opt.backend, "outcome": opt.last_step.outcome}))
+"""
+
+
+def assert_falls_back(res, reason_part):
+    assert isinstance(res["reason"], str) and reason_part in res["reason"], res["reason"]
+    assert res["raised"] is not None and res["reason"] in res["raised"]
+    assert res["auto"] == "torch" and res["outcome"] in ("accepted", "failed", "unresolvable")
+
+
+def test_skip_ext_env_falls_back_to_torch():
+    assert_falls_back(run_python(FALLBACK_CHECK, LSFUSED_SKIP_EXT="1"), "LSFUSED_SKIP_EXT=1")
+
+
+def test_broken_build_falls_back_to_torch(tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in _cpp_build.CPU_SOURCES:
+        (src / name).write_text("this is not C++ @@@\n")
+    env = {"LSFUSED_EXT_SOURCE_DIR": str(src), "LSFUSED_BUILD_DIR": str(tmp_path / "build")}
+    assert_falls_back(run_python(FALLBACK_CHECK, **env), "could not be built")
+
+
+def test_missing_sources_fall_back_to_torch(tmp_path):
+    env = {"LSFUSED_EXT_SOURCE_DIR": str(tmp_path / "nowhere"), "LSFUSED_BUILD_DIR": str(tmp_path / "build")}
+    assert_falls_back(run_python(FALLBACK_CHECK, **env), "not found")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """The .cu file compiles to an object against torch's headers (no GPU needed). The CPU wheel ships the c10/cuda
+    headers but not the generated c10/cuda/impl/cuda_cmake_macros.h; c10's own switch skips it."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = include_paths()
+    defines = []
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in includes):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cmd = ["nvcc", "-c", str(_cpp_build.CSRC / "cuda_kernels.cu"), "-o", str(tmp_path / "cuda_kernels.o")]
+    cmd += ["-std=c++20", "-Xcompiler", "-fPIC", abi, *defines, *_cpp_build.NVCC_FLAGS]
+    cmd += [f"-I{p}" for p in includes]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "cuda_kernels.o").stat().st_size > 0
