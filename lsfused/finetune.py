@@ -72,13 +72,20 @@ def adam_with_cosine(model, steps: int, peak_lr: float = 2e-5, warmup: float = 0
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def make_optimizer(name: str, model, n_batches: int):
+def make_optimizer(name: str, model):
+    """The line-search optimizers at their defaults, except PLASLS: six whole-network searches before the
+    per-component phase, as the authors' code does (``at_step > 5``), and ``joint_check=True``. Without the check, on
+    this task every one-component trial passed at the step size of the joint phase (5e-4), which was never revisited
+    while the joint update with it kept the model at chance (train loss 1.384, test accuracy 0.25 after 80 steps);
+    with it: 0.053 and 0.895 at about two closure calls per step.
+    ``n_batches_per_epoch`` stays 500, as in the authors' runs (their scripts never pass it): with the true number of
+    batches every component's step size would double each epoch between its searches."""
     if name == "adamsls":
-        return lsfused.AdamSLS(model.parameters(), n_batches_per_epoch=n_batches)
+        return lsfused.AdamSLS(model.parameters())
     if name == "sgdsls":
-        return lsfused.SGDSLS(model.parameters(), n_batches_per_epoch=n_batches)
+        return lsfused.SGDSLS(model.parameters())
     if name == "plasls":
-        return lsfused.PLASLS(lsfused.components.bert_components(model), n_batches_per_epoch=n_batches)
+        return lsfused.PLASLS(lsfused.components.bert_components(model), full_search_steps=6, joint_check=True)
     if name == "salsa":
         return lsfused.SaLSa(model.parameters())
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -124,7 +131,7 @@ def finetune(
     if name == "adam":
         opt, scheduler = adam_with_cosine(model, total)
     else:
-        opt = make_optimizer(name, model, n_batches)
+        opt = make_optimizer(name, model)
     gen = torch.Generator().manual_seed(seed + 1)
     labels = torch.tensor(data.train_labels)
     bar = None
@@ -132,6 +139,15 @@ def finetune(
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=name, dynamic_ncols=True)
+    # Backward runs inside a line-search step: it starts when the loss's gradient is formed (a hook on the loss) and
+    # ends when the input embeddings' gradient is accumulated (the last one backward computes), so the optimizer's
+    # own share excludes it.
+    backward = {"start": 0.0, "spent": 0.0}
+
+    def backward_ended(_param) -> None:
+        backward["spent"] += time.perf_counter() - backward["start"]
+
+    hook = model.get_input_embeddings().weight.register_post_accumulate_grad_hook(backward_ended)
     losses, sizes, calls, steps = [], [], 0, 0
     opt_time, closure_time = 0.0, 0.0
     start = time.perf_counter()
@@ -149,8 +165,11 @@ def finetune(
                 t0 = time.perf_counter()
                 out = torch.nn.functional.cross_entropy(model(**enc).logits, y)
                 spent[0] += time.perf_counter() - t0
+                if out.requires_grad:
+                    out.register_hook(lambda grad: backward.__setitem__("start", time.perf_counter()))
                 return out
 
+            backward["spent"] = 0.0
             t0 = time.perf_counter()
             if scheduler is None:
                 loss = opt.step(closure)
@@ -158,7 +177,7 @@ def finetune(
                 calls += rec.closure_calls
                 sizes.append(list(rec.step_sizes))
                 postfix = {"loss": f"{float(loss):.3f}", "eta": f"{min(rec.step_sizes):.1e}", "trials": rec.trials}
-                opt_time += time.perf_counter() - t0 - spent[0]
+                opt_time += time.perf_counter() - t0 - spent[0] - backward["spent"]
             else:
                 opt.zero_grad()
                 loss = closure()
@@ -178,6 +197,7 @@ def finetune(
                 bar.set_postfix(postfix, refresh=False)
                 bar.update()
     wall = time.perf_counter() - start
+    hook.remove()
     if bar is not None:
         bar.close()
     final_loss, _ = evaluate(model, tokenizer, data.train_texts, data.train_labels, max_length)
@@ -207,25 +227,31 @@ def plot(results: list[FinetuneResult], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_eta) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(OPTIMIZERS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for r in results:
+        color = colors.get(r.name)
         window = 8
         smooth = [
             sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
             for i in range(len(r.losses))
         ]
-        ax_loss.plot(smooth, label=r.name)
-        if r.name == "plasls":
-            for c in range(len(r.step_sizes[0])):
-                ax_eta.plot([s[c] for s in r.step_sizes], lw=0.8, label=f"plasls component {c}")
-        else:
-            ax_eta.plot([s[0] for s in r.step_sizes], lw=1.5, label=r.name if r.name != "adam" else "adam (lr)")
+        ax_loss.plot(smooth, label=r.name, color=color)
+        n_comp = len(r.step_sizes[0])
+        for c in range(n_comp):  # PLASLS: one line per component, dashed when they differ from the first
+            label = r.name if c == 0 else None
+            if r.name == "adam":
+                label = "adam (lr)"
+            elif n_comp > 1 and c == 0:
+                label = f"{r.name} ({n_comp} components)"
+            ax_eta.plot([s[c] for s in r.step_sizes], lw=1.5 if c == 0 else 0.8, ls="-" if c == 0 else "--",
+                        color=color, label=label)  # fmt: skip
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (moving average of 8 batches)")
     ax_loss.legend()
     ax_eta.set_yscale("log")
     ax_eta.set_xlabel("step")
     ax_eta.set_ylabel("step size / learning rate")
-    ax_eta.legend(fontsize=6, ncol=2)
+    ax_eta.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -197,3 +197,53 @@ def test_bert_components(depth, parts):
 def test_bert_components_rejects_other_models():
     with pytest.raises(ValueError, match="not a BERT-style model"):
         lsfused.components.bert_components(mlp())
+
+
+def _joint_run(script, **kwargs):
+    """Step 1: the full search accepts 0.1. Step 2 searches component 0 and runs the joint check."""
+    model = mlp()
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, joint_check=True, **kwargs)
+    closure = Scripted(model, script)
+    for _ in range(2):
+        closure.begin()
+        opt.step(closure)
+    return model, opt, closure
+
+
+def test_joint_check_backtracks_the_whole_update_and_scales_every_step_size():
+    # step 2: trial 1 is the component search (accepted), trials 2-3 are the joint check at tau = 1 and 0.9
+    # (rejected), trial 4 at tau = 0.81 is accepted.
+    model, opt, closure = _joint_run(lambda step, trial, f0: f0 - 1e3 if step == 1 or trial in (1, 4) else math.inf)
+    assert closure.moved[1] == (0, 1)  # the component search moves component 0 only
+    assert all(m == (0, 1, 2, 3, 4, 5) for m in closure.moved[2:])  # the joint check moves everything
+    rec = opt.last_step
+    assert (rec.outcome, rec.trials, rec.searched) == ("accepted", 4, (0,))
+    eta = 0.1 * (0.9 * 0.9)
+    assert rec.step_sizes == (eta, eta, eta)
+    # Independent of the joint path: a PLASLS without the check, given these step sizes, must land on the same weights.
+    ref_model = mlp()
+    ref = lsfused.PLASLS(three_components(ref_model), gamma=1.0)
+    ref_closure = Scripted(ref_model, lambda step, trial, f0: f0 - 1e3)
+    ref_closure.begin()
+    ref.step(ref_closure)
+    for group in ref.param_groups:
+        group["step_size"] = eta
+    ref_closure.begin()
+    ref.step(ref_closure)
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_failed_joint_check_keeps_w0_and_shrinks_every_step_size():
+    model, opt, closure = _joint_run(lambda step, trial, f0: f0 - 1e3 if step == 1 or trial == 1 else math.inf,
+                                     max_backtracks=3)  # fmt: skip
+    rec = opt.last_step
+    assert rec.outcome == "failed"
+    assert rec.step_sizes == (0.1 * 0.9 * 0.9,) * 3
+    for w0, p in zip(closure.w0, model.parameters(), strict=True):
+        assert torch.equal(w0, p)
+
+
+def test_joint_check_must_be_a_bool():
+    with pytest.raises(ValueError, match="joint_check"):
+        lsfused.PLASLS([list(mlp().parameters())], joint_check=1)

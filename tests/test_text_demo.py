@@ -95,6 +95,6 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adam", "adamsls", "plasls", "salsa"])
 def test_each_optimizer_decreases_the_training_loss(name):
-    data = textdata.load_wordnet(n_train=32, n_test=8, seed=0)
+    data = textdata.load_wordnet(n_train=64, n_test=8, seed=0)
     result = finetune.finetune(name, data, epochs=3, batch_size=16, max_length=16, seed=0, progress=False)
     assert result.train_loss < result.initial_train_loss

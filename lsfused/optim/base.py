@@ -323,8 +323,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         shrink: float,
         max_trials: int,
         direction: str = "d",
+        scale: dict[int, float] | None = None,
     ) -> SearchResult:
-        """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` until ``decrease(eta, f_trial)`` holds.
+        """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` (``eta*scale[g]`` when ``scale`` is given) until
+        ``decrease(eta, f_trial)`` holds.
 
         A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried. With
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
@@ -332,7 +334,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """
         eta, ft, unchanged, first_unchanged_eta = eta0, None, 0, eta0
         for t in range(1, max_trials + 1):
-            self._apply(dict.fromkeys(groups, eta), direction)
+            self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)
             ft = self._reduce([check_loss(run(), "at a trial point")])[0]
             ok = math.isfinite(ft) and decrease(eta, ft)
             if ft == f0:
