@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,14 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+_progress = False  # run(progress=True): one line per measurement on stderr, so a long run shows where it is
+
+
+def _note(text: str) -> None:
+    if _progress:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -139,6 +148,7 @@ def _bench_ops_at(n: int, device: torch.device, repeats: int) -> list[dict]:
         }
         for name, fn in ops.items():
             med, p20, p80 = timeit(fn, repeats)
+            _note(f"{name} [{backend}] n={n}: {med:.3f} ms")
             rows.append(
                 dict(
                     kind="op",
@@ -193,6 +203,7 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
 
     def add(opt_name, backend, scenario, fn):
         med, p20, p80 = timeit(fn, repeats)
+        _note(f"{opt_name} [{backend}] {name}/{scenario}: {med:.2f} ms")
         rows.append(
             dict(
                 kind="step",
@@ -343,15 +354,19 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False, csv_path: Path | None = None, device: str | None = None) -> list[dict]:
+def run(
+    quick: bool = False, csv_path: Path | None = None, device: str | None = None, progress: bool = False
+) -> list[dict]:
+    global _progress
+    _progress = progress
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quick:
         rows = bench_ops([10**4, 10**6], dev, repeats=5)
         rows += bench_steps("small", SMALL, dev, repeats=5)
     else:
-        rows = bench_ops([10**4, 10**5, 10**6, 10**7, 10**8], dev, repeats=5)
-        rows += bench_steps("small", SMALL, dev, repeats=7)
-        rows += bench_steps("bert-base", BERT_BASE, dev, repeats=3)
+        rows = bench_ops([10**4, 10**5, 10**6, 10**7, 10**8], dev, repeats=9)
+        rows += bench_steps("small", SMALL, dev, repeats=21)
+        rows += bench_steps("bert-base", BERT_BASE, dev, repeats=7)
     if csv_path is not None:
         append_csv(rows, csv_path)
     return rows

@@ -71,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     csv_path = Path(args.csv)
     if not args.plot_only:
-        rows = bench.run(quick=args.quick, csv_path=csv_path, device=args.device)
+        rows = bench.run(quick=args.quick, csv_path=csv_path, device=args.device, progress=True)
         print(f"machine: {bench.machine()}")
         print(bench.format_rows(rows))
         print(f"appended {len(rows)} rows to {csv_path}")

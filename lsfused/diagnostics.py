@@ -80,12 +80,17 @@ class Recorder:
             "trials": [],
         }
 
-    def trial(self, opt, f0: float, ft: float, eta: float, predicted: float, accepted: bool, groups, direction) -> None:
+    def trial(
+        self, opt, f0: float, ft: float, eta: float, predicted: float, accepted: bool, groups, direction, scale=None
+    ) -> None:
+        """One trial. ``scale`` (PLASLS joint check): per-group step sizes that ``eta`` multiplies; then ``eta`` is
+        that factor and is recorded as ``tau``."""
         bound = opt.rounding_bound(f0, ft)
         margin = (f0 - predicted - ft) / bound if math.isfinite(ft) and bound > 0 else None
         self._current["trials"].append(
             {
-                "eta": eta,
+                "eta": eta if scale is None else None,
+                "tau": None if scale is None else eta,
                 "loss": _finite(ft),
                 "predicted": predicted,
                 "bound": bound,

@@ -134,7 +134,9 @@ def test_recorder_reports_fp32_discrepancy_in_ulps():
     gg64 = math.fsum([float(g_value) ** 2] * 4097)
     gg32 = float((g * g).sum())
     assert row["groups"][0]["sums"]["gg"] == pytest.approx(gg64, rel=1e-12)
-    assert row["groups"][0]["fp32_ulps"]["gg"] == pytest.approx(abs(gg32 - gg64) / ulp32(gg64), rel=1e-9)
+    # The backend's float64 sum may differ from fsum by 1e-12 relative (test_ops); carry that into ulps.
+    slack = 1e-12 * gg64 / ulp32(gg64)
+    assert row["groups"][0]["fp32_ulps"]["gg"] == pytest.approx(abs(gg32 - gg64) / ulp32(gg64), abs=slack)
     trial = row["trials"][0]
     assert trial["bound"] == ulp32(max(row["loss"], trial["loss"]))
     assert trial["margin"] == pytest.approx((row["loss"] - trial["predicted"] - trial["loss"]) / trial["bound"])

@@ -203,23 +203,28 @@ def _joint_run(script, **kwargs):
     """Step 1: the full search accepts 0.1. Step 2 searches component 0 and runs the joint check."""
     model = mlp()
     opt = lsfused.PLASLS(three_components(model), gamma=1.0, joint_check=True, **kwargs)
+    recorder = lsfused.diagnostics.Recorder(opt)
     closure = Scripted(model, script)
     for _ in range(2):
         closure.begin()
         opt.step(closure)
-    return model, opt, closure
+    return model, opt, closure, recorder
 
 
 def test_joint_check_backtracks_the_whole_update_and_scales_every_step_size():
     # step 2: trial 1 is the component search (accepted), trials 2-3 are the joint check at tau = 1 and 0.9
     # (rejected), trial 4 at tau = 0.81 is accepted.
-    model, opt, closure = _joint_run(lambda step, trial, f0: f0 - 1e3 if step == 1 or trial in (1, 4) else math.inf)
+    model, opt, closure, recorder = _joint_run(
+        lambda step, trial, f0: f0 - 1e3 if step == 1 or trial in (1, 4) else math.inf
+    )
     assert closure.moved[1] == (0, 1)  # the component search moves component 0 only
     assert all(m == (0, 1, 2, 3, 4, 5) for m in closure.moved[2:])  # the joint check moves everything
     rec = opt.last_step
     assert (rec.outcome, rec.trials, rec.searched) == ("accepted", 4, (0,))
     eta = 0.1 * (0.9 * 0.9)
     assert rec.step_sizes == (eta, eta, eta)
+    trials = recorder.rows[-1]["trials"]  # the recorder tells the component trial (eta) from joint ones (tau)
+    assert [(t["eta"], t["tau"]) for t in trials] == [(0.1, None), (None, 1.0), (None, 0.9), (None, 0.9 * 0.9)]
     # Independent of the joint path: a PLASLS without the check, given these step sizes, must land on the same weights.
     ref_model = mlp()
     ref = lsfused.PLASLS(three_components(ref_model), gamma=1.0)
@@ -235,10 +240,10 @@ def test_joint_check_backtracks_the_whole_update_and_scales_every_step_size():
 
 
 def test_failed_joint_check_keeps_w0_and_shrinks_every_step_size():
-    model, opt, closure = _joint_run(lambda step, trial, f0: f0 - 1e3 if step == 1 or trial == 1 else math.inf,
-                                     max_backtracks=3)  # fmt: skip
+    model, opt, closure, _ = _joint_run(lambda step, trial, f0: f0 - 1e3 if step == 1 or trial == 1 else math.inf,
+                                        max_backtracks=3)  # fmt: skip
     rec = opt.last_step
-    assert rec.outcome == "failed"
+    assert (rec.outcome, rec.reason) == ("failed", "joint")
     assert rec.step_sizes == (0.1 * 0.9 * 0.9,) * 3
     for w0, p in zip(closure.w0, model.parameters(), strict=True):
         assert torch.equal(w0, p)
@@ -247,3 +252,28 @@ def test_failed_joint_check_keeps_w0_and_shrinks_every_step_size():
 def test_joint_check_must_be_a_bool():
     with pytest.raises(ValueError, match="joint_check"):
         lsfused.PLASLS([list(mlp().parameters())], joint_check=1)
+
+
+def test_unjudgeable_joint_check_keeps_w0_and_the_shrink_of_real_rejections():
+    # Joint trials at tau = 1 and 0.9 are rejected, then two ties with f(w0) cannot be judged.
+    model, opt, closure, _ = _joint_run(
+        lambda step, trial, f0: f0 - 1e3 if step == 1 or trial == 1 else (math.inf if trial in (2, 3) else f0)
+    )
+    rec = opt.last_step
+    assert (rec.outcome, rec.reason, rec.trials) == ("unresolvable", "noise", 5)
+    assert rec.step_sizes == (0.1 * 0.9 * 0.9,) * 3
+    for w0, p in zip(closure.w0, model.parameters(), strict=True):
+        assert torch.equal(w0, p)
+
+
+def test_skipped_component_still_gets_the_joint_check():
+    model = mlp()
+    unused = nn.Parameter(torch.ones(4))  # never in the loss: its component has a zero decrease term
+    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True)
+    closure = Scripted(model, lambda step, trial, f0: math.inf if step == 3 and trial == 1 else f0 - 1e3)
+    for _ in range(3):  # full search, component 0, component 1 (skipped)
+        closure.begin()
+        opt.step(closure)
+    rec = opt.last_step
+    assert (rec.outcome, rec.searched, rec.trials) == ("skipped", (1,), 2)
+    assert rec.step_sizes == (0.1 * 0.9, 0.1 * 0.9)

@@ -42,7 +42,8 @@ class StepRecord:
             the trials).
         merged: for PLASLS, the pair of component indices merged after this step, else None.
         reason: for ``"unresolvable"``: ``"noise"`` (predicted decrease and measured difference both below the
-            rounding bound) or ``"absorbed"`` (the update is absorbed by rounding), else None.
+            rounding bound) or ``"absorbed"`` (the update is absorbed by rounding); ``"joint"`` for a PLASLS step
+            whose joint check failed; else None.
     """
 
     step: int
@@ -346,7 +347,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if not ok and self.armijo == "noise_aware":
                 reason = self._unresolvable(f0, ft, predicted(eta), groups, direction, unchanged >= 2)
             if self._recorder is not None:
-                self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction)
+                self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction, scale)
             if ok:
                 return SearchResult("accepted", eta, t, ft)
             if reason is not None:

@@ -92,8 +92,12 @@ class _ArmijoSLS(LineSearchOptimizer):
         if not s_searched > 0.0:
             # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
             # step (a zero step for the searched part, or its momentum step when beta1 > 0).
-            self._apply(step_sizes, final_dir)
-            return SearchResult("skipped", step_sizes[searched[0]], 0, None), tuple(searched), None
+            skipped = SearchResult("skipped", step_sizes[searched[0]], 0, None)
+            if others and self.joint_check:
+                skipped = self._joint_check(run, f0, s, searched, others, skipped, final_dir)
+            else:
+                self._apply(step_sizes, final_dir)
+            return skipped, tuple(searched), None
         result = self._armijo(
             run,
             f0,
@@ -136,11 +140,13 @@ class _ArmijoSLS(LineSearchOptimizer):
     ) -> SearchResult:
         """PLASLS ``joint_check=True``: test the whole update ``w0 + tau * eta ⊙ d`` against
         ``f(w0) - c*tau*sum_k eta_k*s_k``, backtracking the common factor ``tau`` from 1, and scale every moving
-        component's step size by the accepted ``tau`` (a failed check keeps ``w0`` and still shrinks them; an
-        unresolvable one keeps ``w0`` and the step sizes)."""
+        component's step size by the last ``tau`` tried. A check that fails (reason ``"joint"``) or cannot be judged
+        keeps ``w0`` (``on_failure="last"``: the last joint trial, after a failure); the step sizes still shrink by
+        the rejections before it, which is 1 when the first trial already could not be judged."""
         g0 = self.param_groups[0]
         moving = dict(others)
-        if result.outcome == "accepted" or (result.outcome == "failed" and g0["on_failure"] == "last"):
+        last = result.outcome == "failed" and g0["on_failure"] == "last"
+        if result.outcome in ("accepted", "skipped") or last:
             moving.update(dict.fromkeys(searched, result.eta))
         else:
             self._restore(searched)
@@ -160,19 +166,16 @@ class _ArmijoSLS(LineSearchOptimizer):
             g0["max_backtracks"],
             scale=moving,
         )
+        for i, eta in moving.items():
+            self.param_groups[i]["step_size"] = eta * joint.eta
         if joint.outcome == "accepted":
-            for i, eta in moving.items():
-                self.param_groups[i]["step_size"] = eta * joint.eta
             if final_dir != "d":
                 self._apply({i: eta * joint.eta for i, eta in moving.items()}, final_dir)
             outcome, reason = result.outcome, result.reason
         else:
             if joint.outcome == "unresolvable" or g0["on_failure"] == "revert":
                 self._restore()
-            if joint.outcome == "failed":
-                for i, eta in moving.items():
-                    self.param_groups[i]["step_size"] = eta * joint.eta
-            outcome, reason = joint.outcome, joint.reason
+            outcome, reason = joint.outcome, joint.reason or "joint"
         return SearchResult(outcome, result.eta, result.trials + joint.trials, joint.trial_loss, reason)
 
     def _after_search(self, full: bool) -> tuple[int, int] | None:
@@ -378,7 +381,9 @@ class PLASLS(AdamSLS):
             passes. Not in the paper: Eq. 6 tests one component with the others at ``w0``, so a step size that
             passes alone is never revisited even when the sum of all components' steps raises the loss (on
             MiniLM-L6, PLASLS without it stayed at chance accuracy; see ``lsfused.finetune``). A failed check keeps
-            ``w0`` and still shrinks the step sizes; an unresolvable one keeps ``w0`` and the step sizes.
+            ``w0`` (``on_failure="last"``: the last joint trial) and still shrinks the step sizes (outcome
+            ``"failed"``, reason ``"joint"``); one that cannot be judged keeps ``w0`` and shrinks them only by the
+            rejections before it.
         other arguments: as in :class:`AdamSLS`.
     """
 
@@ -448,6 +453,10 @@ class PLASLS(AdamSLS):
 
     def _full_search(self, step_index: int) -> bool:
         return step_index < self.full_search_steps or len(self.components) == 1
+
+    def _signature(self) -> str:
+        options = (self.joint_check, self.merge_threshold, self.schedule, self.full_search_steps)
+        return super()._signature() + repr(options)
 
     def _choose_component(self) -> int:
         if self.schedule == "random":
