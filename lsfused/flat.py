@@ -73,8 +73,14 @@ class FlatBucket:
         for p, t, a, b in zip(self.params, locals_, self.offsets[:-1], self.offsets[1:], strict=True):
             self.w[a:b].copy_(t.reshape(-1))
             if not self.sharded:
+                existing = p.grad
                 p.data = self.w[a:b].view(p.shape)
-                p.grad = self.g[a:b].view(p.shape)
+                if existing is None or (existing.layout == torch.strided and existing.shape == p.shape):
+                    if existing is not None:  # a gradient computed before the optimizer was built is kept
+                        self.g[a:b].copy_(existing.reshape(-1))
+                    p.grad = self.g[a:b].view(p.shape)
+                else:  # kept as it is: check_grads refuses it, with the reason, at the first step
+                    p.grad = existing
         self._ptrs = [local(p).data_ptr() for p in self.params]
         self.w0 = torch.empty(n, dtype=sdt, device=self.device)
         self.d = torch.empty(n, dtype=sdt, device=self.device)

@@ -132,3 +132,16 @@ def test_buckets_by_dtype():
     assert sorted(str(bk.dtype) for bk in opt._buckets) == ["torch.float32", "torch.float64"]
     opt.step(lambda: (a * a).sum() + (b * b).sum().float())
     assert opt.last_step.outcome == "accepted"
+
+
+def test_grads_computed_before_construction_are_kept():
+    model = mlp()
+    x, y = batches(1)[0]
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt = lsfused.AdamSLS(model.parameters())
+    for p, g in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad, g)
+    opt.step(closure_for(model, x, y), loss=loss.detach())
+    assert opt.last_step.outcome != "skipped"  # the step followed those gradients, not zeros
