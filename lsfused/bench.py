@@ -264,47 +264,26 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
     return rows
 
 
+def _memory(name: str, backend: str, scenario: str, numel: int, bytes_per_param: float) -> dict:
+    nan = float("nan")
+    return dict(kind="memory", name=name, backend=backend, scenario=scenario, numel=numel, median_ms=nan, gbps=nan,
+                ratio_to_fused_adam=bytes_per_param)  # fmt: skip
+
+
 def _memory_row(opt_name, backend, scenario, numel, opt) -> dict:
     """Optimizer state plus scratch (w0, d, v, m, dm) per parameter; grads and weights are not counted."""
     extra = sum(
         t.numel() * t.element_size() for b in opt._buckets for t in (b.w0, b.d, b.v, b.m, b.dm) if t is not None
     )
-    return dict(
-        kind="memory",
-        name=opt_name,
-        backend=backend,
-        scenario=scenario,
-        numel=numel,
-        median_ms=float("nan"),
-        gbps=float("nan"),
-        ratio_to_fused_adam=extra / numel,
-    )
+    return _memory(opt_name, backend, scenario, numel, extra / numel)
 
 
 def _baseline_memory_rows(scenario, numel, shapes, device) -> list[dict]:
     """Adam keeps m and v (8 B); the paper-style step holds a parameter copy, a grad copy, v and the preconditioner
     (16 B) at its peak."""
     return [
-        dict(
-            kind="memory",
-            name="Adam (fused)",
-            backend="torch",
-            scenario=scenario,
-            numel=numel,
-            median_ms=float("nan"),
-            gbps=float("nan"),
-            ratio_to_fused_adam=8.0,
-        ),
-        dict(
-            kind="memory",
-            name="paper-style ADAMSLS",
-            backend="torch",
-            scenario=scenario,
-            numel=numel,
-            median_ms=float("nan"),
-            gbps=float("nan"),
-            ratio_to_fused_adam=16.0,
-        ),
+        _memory("Adam (fused)", "torch", scenario, numel, 8.0),
+        _memory("paper-style ADAMSLS", "torch", scenario, numel, 16.0),
     ]
 
 

@@ -133,14 +133,18 @@ def train(
     return RunResult(name, train_loss, accuracy, calls / max(steps, 1), wall, steps, losses, step_sizes)
 
 
-def format_table(results: list[RunResult]) -> str:
+def format_table(results: list) -> str:
+    """The results table of both demos; the optimizer's share of the time when the results carry it."""
+    share = all(hasattr(r, "optimizer_share") for r in results)
     header = f"{'optimizer':<10} {'train loss':>10} {'test acc':>9} {'calls/step':>10} {'wall s':>8}"
+    header += f" {'optimizer share':>15}" if share else ""
     lines = [header, "-" * len(header)]
     for r in results:
-        lines.append(
+        line = (
             f"{r.name:<10} {r.train_loss:>10.4f} {r.test_accuracy:>9.4f} {r.closure_calls_per_step:>10.2f} "
             f"{r.wall_s:>8.2f}"
         )
+        lines.append(line + (f" {r.optimizer_share:>15.1%}" if share else ""))
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import lsfused
+from lsfused.demo import format_table
 from lsfused.textdata import TextData
 
 OPTIMIZERS = ("adam", "adamsls", "plasls", "salsa", "sgdsls")
@@ -205,19 +206,6 @@ def finetune(
     return FinetuneResult(
         name, initial_loss, final_loss, accuracy, calls / max(1, steps), wall, opt_time / wall, losses, sizes
     )
-
-
-def format_table(results: list[FinetuneResult]) -> str:
-    header = (
-        f"{'optimizer':<10}{'train loss':>11}{'test acc':>10}{'calls/step':>11}{'wall s':>9}{'optimizer share':>17}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in results:
-        lines.append(
-            f"{r.name:<10}{r.train_loss:>11.4f}{r.test_accuracy:>10.4f}{r.closure_calls_per_step:>11.2f}"
-            f"{r.wall_s:>9.1f}{r.optimizer_share:>17.1%}"
-        )
-    return "\n".join(lines)
 
 
 def plot(results: list[FinetuneResult], path: Path, title: str) -> Path:
