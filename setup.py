@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -28,6 +29,18 @@ def _build_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the package as lsfused/_csrc, so an installed wheel can JIT-build the extension."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "lsfused" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (ROOT / "csrc").iterdir():
+            if src.suffix in (".cpp", ".cu", ".h"):
+                self.copy_file(str(src), str(target / src.name))
 
 
 def extension_options() -> dict:
@@ -70,4 +83,6 @@ def extension_options() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
-setup(**extension_options())
+options = extension_options()
+options.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+setup(**options)

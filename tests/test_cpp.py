@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,26 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "cuda_kernels.o").stat().st_size > 0
+
+
+def test_wheel_carries_the_sources_for_a_jit_build(tmp_path):
+    """A wheel built without torch has no compiled extension; it must carry csrc/ so the cpp backend can JIT-build."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LSFUSED_SKIP_EXT": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        str(root),
+        "-w",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("lsfused-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"lsfused/_csrc/{p.name}" for p in (root / "csrc").glob("*.cpp")} <= names
+    assert not any(n.endswith(".so") for n in names)

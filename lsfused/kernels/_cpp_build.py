@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 
 NAME = "lsfused_cpp"
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# A source checkout (editable install) compiles the repository's csrc/; a wheel carries a copy as lsfused/_csrc
+# (setup.py puts it there) so that the JIT build also works where the wheel was built without torch.
+_PACKAGED = Path(__file__).resolve().parents[1] / "_csrc"
+CSRC = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("ops.cpp", "cpu_kernels_base.cpp", "cpu_kernels_avx2.cpp")
 CUDA_SOURCES = ("cuda_kernels.cu",)
 # Portable flags (no -march=native: cpu_kernels_avx2.cpp adds AVX2 for its own functions and ops.cpp picks it at
