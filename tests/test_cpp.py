@@ -176,7 +176,8 @@ def test_input_checks():
 
 def run_python(code: str, **env) -> dict:
     """Run ``code`` in a fresh interpreter (so this process keeps its loaded extension); it prints one JSON line."""
-    full_env = {**os.environ, **env}
+    inherited = {k: v for k, v in os.environ.items() if k != "LSFUSED_SKIP_EXT"}  # each test says what it wants
+    full_env = {**inherited, **env}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=600
     )
