@@ -197,13 +197,27 @@ def _lsfused_step(opt, script):
     return run
 
 
+def timeit_against(fn: Callable[[], object], ref: Callable[[], object], repeats: int) -> tuple[float, ...]:
+    """``timeit`` of ``fn``, plus the median time of ``ref`` measured in a block right before and right after it (the
+    mean of the two): a ratio to that survives the drift of a shared machine, which moves measurements taken
+    minutes apart by tens of percent."""
+    before = timeit(ref, repeats)[0]
+    med, p20, p80 = timeit(fn, repeats)
+    after = timeit(ref, repeats)[0]
+    return med, p20, p80, (before + after) / 2
+
+
 def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[dict]:
+    """Step times; ``ratio_to_fused_adam`` divides each by a torch ``Adam(fused=True)`` step on a parameter list of
+    the same shapes, timed interleaved with it."""
     numel = sum(math.prod(s) for s in shapes)
     rows = []
+    ref_params = _make_params(shapes, device)
+    ref = torch.optim.Adam(ref_params, lr=1e-3, fused=True)
 
     def add(opt_name, backend, scenario, fn):
-        med, p20, p80 = timeit(fn, repeats)
-        _note(f"{opt_name} [{backend}] {name}/{scenario}: {med:.2f} ms")
+        med, p20, p80, ref_med = timeit_against(fn, ref.step, repeats)
+        _note(f"{opt_name} [{backend}] {name}/{scenario}: {med:.2f} ms, {med / ref_med:.2f}x fused Adam")
         rows.append(
             dict(
                 kind="step",
@@ -215,6 +229,7 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
                 median_ms=med,
                 p20_ms=p20,
                 p80_ms=p80,
+                ratio_to_fused_adam=med / ref_med,
             )
         )
 
@@ -256,10 +271,6 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
                     rows.append(_memory_row(opt_name, backend, name, numel, opt))
                 del opt, params
                 gc.collect()
-    fused = next(r["median_ms"] for r in rows if r["name"] == "Adam (fused)")
-    for r in rows:
-        if r["kind"] == "step":
-            r["ratio_to_fused_adam"] = r["median_ms"] / fused
     rows += _baseline_memory_rows(name, numel, shapes, device)
     return rows
 
