@@ -223,16 +223,14 @@ def plot(results: list[FinetuneResult], path: Path, title: str) -> Path:
             sum(r.losses[max(0, i - window + 1) : i + 1]) / len(r.losses[max(0, i - window + 1) : i + 1])
             for i in range(len(r.losses))
         ]
-        ax_loss.plot(smooth, label=r.name, color=color)
+        # Per-component runs (PLASLS) are dashed, so they stay visible where they coincide with another curve.
         n_comp = len(r.step_sizes[0])
-        for c in range(n_comp):  # PLASLS: one line per component, dashed when they differ from the first
-            label = r.name if c == 0 else None
-            if r.name == "adam":
-                label = "adam (lr)"
-            elif n_comp > 1 and c == 0:
-                label = f"{r.name} ({n_comp} components)"
-            ax_eta.plot([s[c] for s in r.step_sizes], lw=1.5 if c == 0 else 0.8, ls="-" if c == 0 else "--",
-                        color=color, label=label)  # fmt: skip
+        style = "--" if n_comp > 1 else "-"
+        ax_loss.plot(smooth, label=r.name, color=color, ls=style)
+        label = {"adam": "adam (lr)"}.get(r.name, r.name if n_comp == 1 else f"{r.name} ({n_comp} components)")
+        for c in range(n_comp):
+            ax_eta.plot([s[c] for s in r.step_sizes], lw=1.5 if c == 0 else 0.8, ls=style if c == 0 else ":",
+                        color=color, label=label if c == 0 else None)  # fmt: skip
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (moving average of 8 batches)")
     ax_loss.legend()
