@@ -417,7 +417,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         def run_seeded() -> Tensor:
             calls[0] += 1
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+                # Seed exactly the generators fork_rng restores (torch.manual_seed would also seed every other GPU
+                # without restoring it, and on a CPU-only build records a stack trace per call).
+                torch.default_generator.manual_seed(seed)
+                for i in devices:
+                    torch.cuda.default_generators[i].manual_seed(seed)
                 return closure()
 
         return run_seeded
