@@ -8,6 +8,7 @@ from conftest import batches, mlp
 from torch import nn
 
 import lsfused
+from lsfused import diagnostics
 
 
 class Scripted:
@@ -203,7 +204,7 @@ def _joint_run(script, **kwargs):
     """Step 1: the full search accepts 0.1. Step 2 searches component 0 and runs the joint check."""
     model = mlp()
     opt = lsfused.PLASLS(three_components(model), gamma=1.0, joint_check=True, **kwargs)
-    recorder = lsfused.diagnostics.Recorder(opt)
+    recorder = diagnostics.Recorder(opt)
     closure = Scripted(model, script)
     for _ in range(2):
         closure.begin()
@@ -277,3 +278,16 @@ def test_skipped_component_still_gets_the_joint_check():
     rec = opt.last_step
     assert (rec.outcome, rec.searched, rec.trials) == ("skipped", (1,), 2)
     assert rec.step_sizes == (0.1 * 0.9, 0.1 * 0.9)
+
+
+def test_skipped_step_whose_joint_check_shrinks_the_step_sizes_can_merge():
+    model = mlp()
+    unused = nn.Parameter(torch.ones(4))
+    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True, merge_threshold=0.095)
+    closure = Scripted(model, lambda step, trial, f0: math.inf if step == 3 and trial == 1 else f0 - 1e3)
+    for _ in range(3):  # 0.1 stays above the threshold; the skipped step's joint check brings both to 0.09
+        closure.begin()
+        opt.step(closure)
+    assert opt.last_step.outcome == "skipped"
+    assert opt.last_step.merged == (0, 1)
+    assert opt.components == [[0, 1]]

@@ -89,28 +89,28 @@ class _ArmijoSLS(LineSearchOptimizer):
         final_dir = "dm" if self._has_momentum else "d"
         step_sizes = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}
         others = {i: e for i, e in step_sizes.items() if i not in searched}
+        joint = bool(others) and self.joint_check
         if not s_searched > 0.0:
             # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
             # step (a zero step for the searched part, or its momentum step when beta1 > 0).
-            skipped = SearchResult("skipped", step_sizes[searched[0]], 0, None)
-            if others and self.joint_check:
-                skipped = self._joint_check(run, f0, s, searched, others, skipped, final_dir)
-            else:
+            result = SearchResult("skipped", step_sizes[searched[0]], 0, None)
+            if not joint:
                 self._apply(step_sizes, final_dir)
-            return skipped, tuple(searched), None
-        result = self._armijo(
-            run,
-            f0,
-            searched,
-            step_sizes[searched[0]],
-            lambda eta, ft: ft <= f0 - c * eta * s_searched,
-            lambda eta: c * eta * s_searched,
-            g0["beta_b"],
-            g0["max_backtracks"],
-        )
-        for i in searched:
-            self.param_groups[i]["step_size"] = result.eta
-        if others and self.joint_check:
+                return result, tuple(searched), None
+        else:
+            result = self._armijo(
+                run,
+                f0,
+                searched,
+                step_sizes[searched[0]],
+                lambda eta, ft: ft <= f0 - c * eta * s_searched,
+                lambda eta: c * eta * s_searched,
+                g0["beta_b"],
+                g0["max_backtracks"],
+            )
+            for i in searched:
+                self.param_groups[i]["step_size"] = result.eta
+        if joint:  # the joint check can shrink every step size, so a merge may follow, as after any search
             result = self._joint_check(run, f0, s, searched, others, result, final_dir)
             return result, tuple(searched), self._after_search(False)
         # The search decides the searched part only; the other components (PLASLS) always take their step (Eq. 7).
