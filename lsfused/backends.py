@@ -70,8 +70,13 @@ class Backend:
     def restore(self, w: Tensor, w0: Tensor, ranges: list[int]) -> None:
         _ops.restore(w, w0, ranges, self.name)
 
+    def _cpp_kernel(self, t: Tensor) -> bool:
+        """Whether the C++ extension's CPU companion kernels apply: one read-only pass instead of full-size
+        temporaries. Everywhere else the shared torch code below runs."""
+        return self.name == "cpp" and t.device.type == "cpu" and t.is_contiguous()
+
     def nonfinite_count(self, g: Tensor) -> int:
-        if self.name == "cpp":  # one read-only pass, no bool temporaries of the size of g
+        if self._cpp_kernel(g):
             from lsfused.kernels import cpp_ops
 
             return cpp_ops.nonfinite_count(g)
@@ -82,8 +87,8 @@ class Backend:
         return int((~torch.isfinite(g)).sum())
 
     def absorbed_counts(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
-        """A companion reduction (see ``reference.absorbed_counts``): the reference's, except on ``cpp``."""
-        if self.name == "cpp":  # one read-only pass instead of several full-size bool temporaries
+        """A companion reduction (see ``reference.absorbed_counts``)."""
+        if self._cpp_kernel(w):
             from lsfused.kernels import cpp_ops
 
             return cpp_ops.absorbed_counts(w, w0, d, ranges)

@@ -209,7 +209,7 @@ def timeit_against(fn: Callable[[], object], ref: Callable[[], object], repeats:
 
 def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[dict]:
     """Step times; ``ratio_to_fused_adam`` divides each by a torch ``Adam(fused=True)`` step on a parameter list of
-    the same shapes, timed interleaved with it."""
+    the same shapes, timed in blocks right before and after it (``timeit_against``)."""
     numel = sum(math.prod(s) for s in shapes)
     rows = []
     ref_params = _make_params(shapes, device)

@@ -150,19 +150,13 @@ def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
 
 
 def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
-    """``reference.absorbed_counts`` in one read-only pass on CPU; the reference's torch ops elsewhere."""
-    if w.device.type == "cpu":
-        return _lib().absorbed_counts(w, w0, d, list(ranges))
-    from lsfused.reference import absorbed_counts as reference_counts
-
-    return reference_counts(w, w0, d, ranges)
+    """``reference.absorbed_counts`` in one read-only pass (CPU tensors)."""
+    return _lib().absorbed_counts(w, w0, d, list(ranges))
 
 
 def nonfinite_count(g: Tensor) -> int:
-    """Number of inf/NaN entries: one read-only pass on CPU (no temporaries); torch's count elsewhere."""
-    if g.device.type == "cpu" and g.is_contiguous():
-        return int(_lib().nonfinite_count(g))
-    return int((~torch.isfinite(g)).sum())
+    """Number of inf/NaN entries in one read-only pass, no temporaries (a contiguous CPU tensor)."""
+    return int(_lib().nonfinite_count(g))
 
 
 def cpu_isa() -> str:
