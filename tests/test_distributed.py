@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,18 @@ def free_port() -> int:
 
 
 def run_ranks(tmp_path, mode, name):
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, name, str(tmp_path), str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    for attempt in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), mode, name, str(tmp_path), str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        # A rank killed by a signal is a crash inside torch's C++ (gloo, the store), not a Python error from the
+        # optimizer, and was seen once in many CI runs: such a run is tried once more, and the crash is reported.
+        if proc.returncode == 0 or "terminated with signal" not in proc.stderr or attempt == 2:
+            break
+        warnings.warn(f"a rank crashed; running the ranks again. Its output:\n{proc.stderr[-3000:]}", stacklevel=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
