@@ -483,57 +483,41 @@ int64_t nonfinite_t(const void* g_, int64_t begin, int64_t n) {
 }
 
 // ---------------------------------------------------------------- dtype dispatch
-void pass_a_any(DType t, int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out,
-                bool nt) {
+template <class T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<T>{}) for the element type t names: one switch serves every kernel.
+template <class F>
+void with_dtype(DType t, F&& f) {
   switch (t) {
     case DType::kF32:
-      return pass_a_nt<float>(mode, ptr, begin, n, hp, out, nt);
+      return f(Type<float>{});
     case DType::kF64:
-      return pass_a_nt<double>(mode, ptr, begin, n, hp, out, nt);
+      return f(Type<double>{});
     case DType::kF16:
-      return pass_a_nt<F16>(mode, ptr, begin, n, hp, out, nt);
+      return f(Type<F16>{});
     case DType::kBF16:
-      return pass_a_nt<BF16>(mode, ptr, begin, n, hp, out, nt);
+      return f(Type<BF16>{});
   }
+}
+
+void pass_a_any(DType t, int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out,
+                bool nt) {
+  with_dtype(t, [&](auto T) { pass_a_nt<typename decltype(T)::type>(mode, ptr, begin, n, hp, out, nt); });
 }
 
 void trial_step_any(DType t, void* w, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {
-  switch (t) {
-    case DType::kF32:
-      return trial_step_nt<float>(w, w0, d, eta, begin, n, nt);
-    case DType::kF64:
-      return trial_step_nt<double>(w, w0, d, eta, begin, n, nt);
-    case DType::kF16:
-      return trial_step_nt<F16>(w, w0, d, eta, begin, n, nt);
-    case DType::kBF16:
-      return trial_step_nt<BF16>(w, w0, d, eta, begin, n, nt);
-  }
+  with_dtype(t, [&](auto T) { trial_step_nt<typename decltype(T)::type>(w, w0, d, eta, begin, n, nt); });
 }
 
 void restore_any(DType t, void* w, const void* w0, int64_t begin, int64_t n, bool nt) {
-  switch (t) {
-    case DType::kF32:
-      return restore_nt<float>(w, w0, begin, n, nt);
-    case DType::kF64:
-      return restore_nt<double>(w, w0, begin, n, nt);
-    case DType::kF16:
-      return restore_nt<F16>(w, w0, begin, n, nt);
-    case DType::kBF16:
-      return restore_nt<BF16>(w, w0, begin, n, nt);
-  }
+  with_dtype(t, [&](auto T) { restore_nt<typename decltype(T)::type>(w, w0, begin, n, nt); });
 }
 
 void absorbed_any(DType t, const void* w, const void* w0, const void* d, int64_t begin, int64_t n, int64_t* out) {
-  switch (t) {
-    case DType::kF32:
-      return absorbed_t<float>(w, w0, d, begin, n, out);
-    case DType::kF64:
-      return absorbed_t<double>(w, w0, d, begin, n, out);
-    case DType::kF16:
-      return absorbed_t<F16>(w, w0, d, begin, n, out);
-    case DType::kBF16:
-      return absorbed_t<BF16>(w, w0, d, begin, n, out);
-  }
+  with_dtype(t, [&](auto T) { absorbed_t<typename decltype(T)::type>(w, w0, d, begin, n, out); });
 }
 
 int64_t nonfinite_any(DType t, const void* g, int64_t begin, int64_t n) {
