@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import gc
+import logging
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,12 +79,8 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-_progress = False  # run(progress=True): one line per measurement on stderr, so a long run shows where it is
-
-
-def _note(text: str) -> None:
-    if _progress:
-        print(f"  {text}", file=sys.stderr, flush=True)
+# One INFO record per measurement, so a long run shows where it is (``lsfused bench`` prints them on stderr).
+log = logging.getLogger(__name__)
 
 
 def _sync() -> None:
@@ -148,7 +144,7 @@ def _bench_ops_at(n: int, device: torch.device, repeats: int) -> list[dict]:
         }
         for name, fn in ops.items():
             med, p20, p80 = timeit(fn, repeats)
-            _note(f"{name} [{backend}] n={n}: {med:.3f} ms")
+            log.info("%s [%s] n=%d: %.3f ms", name, backend, n, med)
             rows.append(
                 dict(
                     kind="op",
@@ -217,7 +213,7 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
 
     def add(opt_name, backend, scenario, fn):
         med, p20, p80, ref_med = timeit_against(fn, ref.step, repeats)
-        _note(f"{opt_name} [{backend}] {name}/{scenario}: {med:.2f} ms, {med / ref_med:.2f}x fused Adam")
+        log.info("%s [%s] %s/%s: %.2f ms, %.2fx fused Adam", opt_name, backend, name, scenario, med, med / ref_med)
         rows.append(
             dict(
                 kind="step",
@@ -344,11 +340,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(
-    quick: bool = False, csv_path: Path | None = None, device: str | None = None, progress: bool = False
-) -> list[dict]:
-    global _progress
-    _progress = progress
+def run(quick: bool = False, csv_path: Path | None = None, device: str | None = None) -> list[dict]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quick:
         rows = bench_ops([10**4, 10**6], dev, repeats=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -71,7 +72,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     csv_path = Path(args.csv)
     if not args.plot_only:
-        rows = bench.run(quick=args.quick, csv_path=csv_path, device=args.device, progress=True)
+        progress = logging.StreamHandler(sys.stderr)
+        progress.setFormatter(logging.Formatter("  %(message)s"))
+        bench.log.addHandler(progress)
+        bench.log.setLevel(logging.INFO)
+        rows = bench.run(quick=args.quick, csv_path=csv_path, device=args.device)
         print(f"machine: {bench.machine()}")
         print(bench.format_rows(rows))
         print(f"appended {len(rows)} rows to {csv_path}")
