@@ -1,0 +1,58 @@
+"""``lsfused.bench``: the forced scenarios measure what they say, the ratios use a reference timed around each row,
+and every step measurement is reported while the run goes on."""
+
+import logging
+
+import pytest
+import torch
+
+import lsfused
+from lsfused import bench
+from lsfused.baselines import PaperStyleAdamSLS
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("rejections", [0, 3])
+@pytest.mark.parametrize("name", ["AdamSLS", "SaLSa"])
+def test_scripted_step_rejects_exactly_the_first_trials(name, rejections):
+    params = bench._make_params([(16, 4), (4,)], CPU)
+    opt = lsfused.AdamSLS(params) if name == "AdamSLS" else lsfused.SaLSa(params, speed_up=False)
+    step = bench._lsfused_step(opt, bench._Script(rejections))
+    for _ in range(2):  # every timed step starts over: same step size, same number of trials
+        step()
+        assert opt.last_step.outcome == "accepted"
+        assert opt.last_step.trials == rejections + 1
+
+
+def test_scripted_paper_style_step_backtracks_three_times():
+    params = bench._make_params([(16, 4)], CPU)
+    baseline = PaperStyleAdamSLS(params)
+    script = bench._Script(3)
+    baseline.step(script, script.loss)
+    assert script.calls == 4
+
+
+def test_timeit_against_times_the_reference_right_before_and_after():
+    calls = []
+    med, p20, p80, ref_med = bench.timeit_against(lambda: calls.append("fn"), lambda: calls.append("ref"), repeats=3)
+    block = 1 + 3  # warm-up + repeats
+    assert calls == ["ref"] * block + ["fn"] * block + ["ref"] * block
+    assert 0 < p20 <= med <= p80 and ref_med > 0
+
+
+def test_bench_steps_reports_every_step_row_with_its_ratio(caplog):
+    with caplog.at_level(logging.INFO, logger="lsfused.bench"):
+        rows = bench.bench_steps("tiny", [(32, 8), (8,)], CPU, repeats=1)
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(caplog.records) == len(steps)
+    for r, record in zip(steps, caplog.records, strict=True):
+        assert r["name"] in record.getMessage() and r["scenario"] in record.getMessage()
+        assert r["ratio_to_fused_adam"] > 0
+    scenarios = {(r["name"], r["backend"], r["scenario"]) for r in steps}
+    for backend in bench._backends(CPU):
+        for name in ("AdamSLS", "PLASLS", "SaLSa"):
+            assert {(name, backend, "tiny/accepted"), (name, backend, "tiny/3 backtracks")} <= scenarios
+    # Memory per parameter (fp32 state, beta1 = 0): AdamSLS keeps w0, d and v, 3 x 4 bytes; Adam m and v, 8 bytes.
+    memory = {r["name"]: r["ratio_to_fused_adam"] for r in rows if r["kind"] == "memory"}
+    assert memory["AdamSLS"] == 12.0 and memory["Adam (fused)"] == 8.0
