@@ -267,27 +267,27 @@ def test_unjudgeable_joint_check_keeps_w0_and_the_shrink_of_real_rejections():
         assert torch.equal(w0, p)
 
 
-def test_skipped_component_still_gets_the_joint_check():
+def _skipped_run(**kwargs):
+    """Steps: full search, component 0, then component 1, whose parameter is not in the loss (a skipped search);
+    the first joint trial of that last step is rejected."""
     model = mlp()
     unused = nn.Parameter(torch.ones(4))  # never in the loss: its component has a zero decrease term
-    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True)
+    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True, **kwargs)
     closure = Scripted(model, lambda step, trial, f0: math.inf if step == 3 and trial == 1 else f0 - 1e3)
-    for _ in range(3):  # full search, component 0, component 1 (skipped)
+    for _ in range(3):
         closure.begin()
         opt.step(closure)
-    rec = opt.last_step
+    return opt
+
+
+def test_skipped_component_still_gets_the_joint_check():
+    rec = _skipped_run().last_step
     assert (rec.outcome, rec.searched, rec.trials) == ("skipped", (1,), 2)
     assert rec.step_sizes == (0.1 * 0.9, 0.1 * 0.9)
 
 
 def test_skipped_step_whose_joint_check_shrinks_the_step_sizes_can_merge():
-    model = mlp()
-    unused = nn.Parameter(torch.ones(4))
-    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True, merge_threshold=0.095)
-    closure = Scripted(model, lambda step, trial, f0: math.inf if step == 3 and trial == 1 else f0 - 1e3)
-    for _ in range(3):  # 0.1 stays above the threshold; the skipped step's joint check brings both to 0.09
-        closure.begin()
-        opt.step(closure)
+    opt = _skipped_run(merge_threshold=0.095)  # 0.1 stays above it; the skipped step's joint check brings both to 0.09
     assert opt.last_step.outcome == "skipped"
     assert opt.last_step.merged == (0, 1)
     assert opt.components == [[0, 1]]
