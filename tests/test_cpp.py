@@ -56,6 +56,15 @@ def assert_same_outputs(a, b):
         assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
 
 
+def pass_a_matching_reference(g, w, v, m, ranges, mode, hp=HP):
+    """Pass A on ``cpp``, checked against the torch reference: outputs bit for bit, sums within 1e-12."""
+    sums, out = pass_a("cpp", g, w, v, m, ranges, mode, hp)
+    ref_sums, ref_out = pass_a("torch", g, w, v, m, ranges, mode, hp)
+    assert_same_outputs(out, ref_out)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=0)
+    return sums, out
+
+
 @needs_cpp
 def test_auto_prefers_cpp_on_cpu():
     model = torch.nn.Linear(3, 2)
@@ -90,10 +99,7 @@ def test_large_buffers_take_the_streaming_path_bit_exactly(dtype):
     g, w, v, m = buffers(n, dtype, seed=5)
     ranges = [0, 3, 3, 1_000_001, 1_000_001, n]
     for mode in (ref.MODE_SGD, ref.MODE_ADAM):
-        sums, out = pass_a("cpp", g, w, v, m, ranges, mode)
-        ref_sums, ref_out = pass_a("torch", g, w, v, m, ranges, mode)
-        assert_same_outputs(out, ref_out)
-        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=0)
+        _, out = pass_a_matching_reference(g, w, v, m, ranges, mode)
     w0, d = out["w0"], out["d"]
     eta = torch.tensor([0.5, 1e-3, 0.25], dtype=torch.float64)
     expected, got = w.clone(), w.clone()
@@ -115,10 +121,7 @@ def test_empty_ranges_tails_and_weight_decay(dtype):
     g, w, v, m = buffers(offsets[-1], dtype, seed=2)
     hp = HP[:5] + [1.0 - 0.01 * 0.3]  # wd_scale != 1
     for mode in (ref.MODE_SGD, ref.MODE_ADAM):
-        sums, out = pass_a("cpp", g, w, v, m, ranges, mode, hp)
-        ref_sums, ref_out = pass_a("torch", g, w, v, m, ranges, mode, hp)
-        assert_same_outputs(out, ref_out)
-        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=0)
+        sums, _ = pass_a_matching_reference(g, w, v, m, ranges, mode, hp)
         assert sums[0].abs().sum() == 0 and sums[6].abs().sum() == 0  # empty ranges
 
 
