@@ -251,6 +251,37 @@ def test_broken_build_falls_back_to_torch(tmp_path):
     assert_falls_back(run_python(FALLBACK_CHECK, **env), "could not be built")
 
 
+def test_build_cache_is_keyed_on_the_sources(tmp_path):
+    """Two checkouts (or versions) with different sources never share a cache directory; identical ones do."""
+    from lsfused.kernels import cpp_ops
+
+    names = _cpp_build.CPU_SOURCES
+    copies = []
+    for i in range(3):
+        src = tmp_path / f"csrc{i}"
+        shutil.copytree(_cpp_build.CSRC, src)
+        copies.append(src)
+    (copies[2] / "cpu_kernels.h").write_text((copies[2] / "cpu_kernels.h").read_text() + "\n// changed\n")
+    dirs = [cpp_ops._build_dir(False, src, names) for src in copies]
+    assert dirs[0] == dirs[1] and dirs[0] != dirs[2]
+    assert cpp_ops._build_dir(False, copies[0], names) != cpp_ops._build_dir(True, copies[0], names)
+
+
+def test_first_build_announces_itself_in_one_line(tmp_path):
+    src = tmp_path / "csrc"
+    shutil.copytree(_cpp_build.CSRC, src)
+    (src / "ops.cpp").write_text("this is not C++ @@@\n")  # fails fast, after the announcement
+    env = {**os.environ, "LSFUSED_EXT_SOURCE_DIR": str(src), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("LSFUSED_SKIP_EXT", None)
+    env.pop("LSFUSED_BUILD_DIR", None)
+    code = "import lsfused; print(lsfused.backends()['cpp'] is None)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lsfused: compiling the C++ backend once")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert str(tmp_path / "cache" / "lsfused") in lines[0]
+    assert proc.stdout.strip() == "False"
+
+
 def test_missing_sources_fall_back_to_torch(tmp_path):
     env = {"LSFUSED_EXT_SOURCE_DIR": str(tmp_path / "nowhere"), "LSFUSED_BUILD_DIR": str(tmp_path / "build")}
     assert_falls_back(run_python(FALLBACK_CHECK, **env), "not found")

@@ -2,14 +2,16 @@
 
 The extension is loaded on first use (``lsfused.backends()`` probes it): a library built by ``setup.py``
 (``lsfused/_C*.so``) when one is present and not older than the sources, else a JIT build with
-``torch.utils.cpp_extension.load`` (ninja), cached in ``LSFUSED_BUILD_DIR`` or ``~/.cache/lsfused/<tag>`` so only the
-first use compiles. CUDA kernels are JIT-built only when torch has CUDA and sees a GPU. The outcome (``None`` or
+``torch.utils.cpp_extension.load`` (ninja), cached in ``LSFUSED_BUILD_DIR`` or in
+``~/.cache/lsfused/<python>-<torch>-<hash of the sources and flags>``, so only the first use compiles (and says so in
+one line on stderr). CUDA kernels are JIT-built only when torch has CUDA and sees a GPU. The outcome (``None`` or
 the reason it failed) is kept for the process; ``LSFUSED_SKIP_EXT=1`` turns the backend off. Importing this module
 never compiles or raises.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -60,12 +62,22 @@ def _prebuilt() -> Path | None:
     return lib
 
 
-def _build_dir(with_cuda: bool) -> Path:
+def source_hash(src: Path, names: tuple[str, ...]) -> str:
+    """A short hash of the sources (every file in ``src``, headers included) and the compile flags, so that two
+    checkouts or versions of lsfused on one machine never reuse (or rebuild) each other's cached library."""
+    digest = hashlib.sha256(repr((build.CXX_FLAGS, build.LD_FLAGS, build.NVCC_FLAGS, names)).encode())
+    for path in sorted(p for p in src.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _build_dir(with_cuda: bool, src: Path, names: tuple[str, ...]) -> Path:
     if os.environ.get("LSFUSED_BUILD_DIR"):
         return Path(os.environ["LSFUSED_BUILD_DIR"])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
-    return cache / "lsfused" / tag.replace("+", "_")
+    return cache / "lsfused" / f"{tag}-{source_hash(src, names)}".replace("+", "_")
 
 
 def _jit() -> None:
@@ -80,8 +92,15 @@ def _jit() -> None:
     venv_bin = Path(sys.executable).parent
     if shutil.which("ninja") is None and (venv_bin / "ninja").exists():  # pip's ninja in an unactivated venv
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    build_dir = _build_dir(with_cuda)
+    build_dir = _build_dir(with_cuda, src, names)
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{build.NAME}.so").exists():
+        print(
+            f"lsfused: compiling the C++ backend once ({'CPU and CUDA' if with_cuda else 'CPU'} kernels, about a "
+            f"minute; LSFUSED_SKIP_EXT=1 skips it), cached in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     cpp_extension.load(
         name=build.NAME,
         sources=[str(src / n) for n in names],
