@@ -188,7 +188,9 @@ def _lsfused_step(opt, script):
         script.reset()
         for group in opt.param_groups:  # start every timed step from the same step size
             group["step_size"] = group["init_step_size"]
-        opt.step(script, loss=script.loss)
+        with opt.step_rng():  # the scripted loss is deterministic: no re-evaluation of f(w0) (see step())
+            loss = script.loss
+        opt.step(script, loss=loss)
 
     return run
 

@@ -142,16 +142,28 @@ def test_trial_nan_is_rejected_not_an_error():
     [
         ({"init_step_size": 0.0}, "init_step_size must be a positive"),
         ({"init_step_size": math.nan}, "init_step_size must be a positive"),
-        ({"c": -1.0}, "c must be a positive"),
+        ({"c": -1.0}, r"c must be in \(0.0, 1.0\), got -1.0"),
+        ({"c": 1.5}, r"c must be in \(0.0, 1.0\), got 1.5"),
+        ({"c": True}, r"c must be in \(0.0, 1.0\), got True"),
+        ({"c": math.nan}, r"c must be in \(0.0, 1.0\), got nan"),
+        ({"init_step_size": math.inf}, "init_step_size must be a positive finite number, got inf"),
+        ({"init_step_size": True}, "init_step_size must be a positive finite number, got True"),
+        ({"gamma": math.inf}, "gamma must be a finite number >= 1.0, got inf"),
+        ({"eps": math.inf}, "eps must be a finite number >= 0.0, got inf"),
+        ({"betas": (0.9, math.nan)}, r"betas\[1\] must be in"),
+        ({"betas": (False, 0.999)}, r"betas\[0\] must be in"),
+        ({"max_backtracks": True}, "max_backtracks must be an integer >= 1, got True"),
+        ({"armijo": "strict"}, "armijo must be one of"),
+        ({"estimate_noise": "no"}, "estimate_noise must be a bool"),
         ({"beta_b": 1.0}, r"beta_b must be in"),
         ({"beta_b": 0.0}, r"beta_b must be in"),
-        ({"gamma": 0.5}, "gamma must be >= 1"),
+        ({"gamma": 0.5}, "gamma must be a finite number >= 1"),
         ({"n_batches_per_epoch": 0}, "n_batches_per_epoch must be an integer >= 1"),
         ({"max_backtracks": 0}, "max_backtracks must be an integer >= 1"),
         ({"on_failure": "keep"}, "on_failure must be one of"),
         ({"betas": (1.0, 0.999)}, r"betas\[0\] must be in"),
         ({"betas": (0.0,)}, "betas must be a pair"),
-        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"eps": -1.0}, "eps must be a finite number >= 0"),
         ({"backend": "cuda"}, "unknown backend 'cuda'; available backends: auto, torch"),
         ({"deterministic_closure": 1}, "deterministic_closure must be a bool"),
     ],
@@ -165,9 +177,14 @@ def test_invalid_hyperparameters_adamsls(kwargs, match):
     "kwargs, match",
     [
         ({"smoothing": 1.0}, "smoothing must be in"),
-        ({"growth": 0.9}, "growth must be >= 1"),
+        ({"growth": 0.9}, "growth must be a finite number >= 1"),
+        ({"growth": math.inf}, "growth must be a finite number >= 1.0, got inf"),
+        ({"c": 1.0}, r"c must be in \(0.0, 1.0\)"),
+        ({"eps": math.inf}, "eps must be a finite number >= 0.0, got inf"),
+        ({"smoothing": math.nan}, "smoothing must be in"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number >= 0.0, got inf"),
         ({"shrink": 1.5}, "shrink must be in"),
-        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
         ({"speed_up": "yes"}, "speed_up must be a bool"),
     ],
 )
@@ -179,14 +196,39 @@ def test_invalid_hyperparameters_salsa(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"merge_threshold": -1.0}, "merge_threshold must be >= 0"),
-        ({"schedule": "greedy"}, "schedule must be 'cyclic' or 'random'"),
+        ({"merge_threshold": -1.0}, "merge_threshold must be a finite number >= 0"),
+        ({"merge_threshold": math.inf}, "merge_threshold must be a finite number >= 0.0, got inf"),
+        ({"joint_check": 1}, "joint_check must be a bool"),
+        ({"schedule": "greedy"}, r"schedule must be one of \('cyclic', 'random'\), got 'greedy'"),
         ({"full_search_steps": -1}, "full_search_steps must be an integer >= 0"),
     ],
 )
 def test_invalid_hyperparameters_plasls(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lsfused.PLASLS(lsfused.components.by_layers(mlp(), 2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (
+            lambda m: lsfused.AdamSLS([{"params": []}, {"params": list(m.parameters())}]),
+            "param group 0 has no parameters",
+        ),
+        (
+            lambda m: lsfused.AdamSLS([{"params": list(m.parameters())}, {"params": []}]),
+            "param group 1 has no parameters",
+        ),
+        (lambda m: lsfused.SaLSa([{"params": []}]), "param group 0 has no parameters"),
+        (lambda m: lsfused.PLASLS([[]]), "PLASLS component 0 has no parameters"),
+        (lambda m: lsfused.PLASLS([list(m.parameters()), []]), "PLASLS component 1 has no parameters"),
+        (lambda m: lsfused.PLASLS([]), "PLASLS needs at least one component"),
+        (lambda m: lsfused.AdamSLS([]), "empty parameter list"),
+    ],
+)
+def test_empty_groups_refused(build, match):
+    with pytest.raises(ValueError, match=match):
+        build(mlp())
 
 
 def test_groups_must_share_search_hyperparameters():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +20,7 @@ from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
 
-OUTCOMES = ("accepted", "failed", "skipped", "unresolvable")
+OUTCOMES = ("accepted", "failed", "skipped", "unresolvable", "interrupted")
 ARMIJO_TESTS = ("noise_aware", "classic")
 #: absorbed fraction at or above which smaller steps cannot change the network
 ABSORBED_STOP = 0.999
@@ -37,13 +40,14 @@ class StepRecord:
         trials: number of trial points evaluated.
         outcome: ``"accepted"``, ``"failed"`` (no trial passed within ``max_backtracks``), ``"skipped"``
             (no line search ran: zero decrease term, or a SaLSa speed-up step) or ``"unresolvable"`` (noise-aware
-            test: the trial could not be judged, see ``reason``).
+            test: the trial could not be judged, see ``reason``) or ``"interrupted"`` (an exception ended the step
+            after it started changing state; see ``step()``).
         closure_calls: closure evaluations in this step (the gradient evaluation, an optional noise estimate and
             the trials).
         merged: for PLASLS, the pair of component indices merged after this step, else None.
         reason: for ``"unresolvable"``: ``"noise"`` (predicted decrease and measured difference both below the
             rounding bound) or ``"absorbed"`` (the update is absorbed by rounding); ``"joint"`` for a PLASLS step
-            whose joint check failed; else None.
+            whose joint check failed; for ``"interrupted"`` the exception's type name; else None.
     """
 
     step: int
@@ -86,20 +90,107 @@ def check_loss(value: Any, where: str) -> float:
     return float(value.detach().reshape(()).to("cpu", torch.float64))
 
 
+_BACKWARD_REFUSED = (
+    "the closure called backward(): lsfused optimizers run backward themselves (once, then the closure under "
+    "torch.no_grad() for each trial). Return the loss from the closure without calling backward() or zero_grad(). "
+    "A framework whose closure runs backward (Lightning's automatic optimization) needs lsfused.integrations (see "
+    "the README); with your own forward and backward, call step(closure, loss=loss) with a closure that only "
+    "computes the loss"
+)
+
+
+@contextmanager
+def _backward_refused() -> Iterator[None]:
+    """While a closure runs, ``backward()`` from this thread raises a ValueError that says what to do instead (it would
+    otherwise fail later with torch's "backward through the graph a second time" or, under no_grad, "does not
+    require grad"). ``Tensor.backward`` calls ``torch.autograd.backward``, which is swapped for the call."""
+    original = torch.autograd.backward
+    owner = threading.get_ident()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        if threading.get_ident() != owner:
+            return original(*args, **kwargs)
+        raise ValueError(_BACKWARD_REFUSED)
+
+    torch.autograd.backward = refuse
+    try:
+        yield
+    finally:
+        torch.autograd.backward = original
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, for the few passes that must not stop half way."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if received:
+            handler(*received[0])
+
+
+# ---------------------------------------------------------------------- validators
+# Every constructor argument and every value load_state_dict accepts goes through these: a bad value raises a
+# ValueError naming the key and the value. Booleans are not numbers here (True would pass as 1).
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def _in_range(name: str, value: float, lo: float, hi: float, hi_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    ok = _number(value) and lo <= value and (value < hi if hi_open else value <= hi)
     if not ok:
         raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+
+
+def _open_interval(name: str, value: float, lo: float, hi: float) -> None:
+    if not (_number(value) and lo < value < hi):
+        raise ValueError(f"{name} must be in ({lo}, {hi}), got {value!r}")
+
+
+def _finite_at_least(name: str, value: float, lo: float) -> None:
+    if not (_number(value) and math.isfinite(value) and value >= lo):
+        raise ValueError(f"{name} must be a finite number >= {lo}, got {value!r}")
+
+
+def _finite(name: str, value: float) -> None:
+    if not (_number(value) and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _int_at_least(name: str, value: int, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def _boolean(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _betas(value: Any) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+    _in_range("betas[0]", value[0], 0.0, 1.0)
+    _in_range("betas[1]", value[1], 0.0, 1.0)
 
 
 class LineSearchOptimizer(torch.optim.Optimizer):
@@ -124,17 +215,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         estimate_noise: bool = False,
         process_group: Any = None,
     ):
-        if not isinstance(deterministic_closure, bool):
-            raise ValueError(f"deterministic_closure must be a bool, got {deterministic_closure!r}")
-        if armijo not in ARMIJO_TESTS:
-            raise ValueError(f"armijo must be one of {ARMIJO_TESTS}, got {armijo!r}")
-        if not isinstance(estimate_noise, bool):
-            raise ValueError(f"estimate_noise must be a bool, got {estimate_noise!r}")
+        _boolean("deterministic_closure", deterministic_closure)
+        _choice("armijo", armijo, ARMIJO_TESTS)
+        _boolean("estimate_noise", estimate_noise)
         self.armijo = armijo
         self.estimate_noise = estimate_noise
         self._process_group = process_group
         self._dist_checked = False
         self._recorder = None
+        self._rng_step = -1  # the step whose RNG state step_rng() gave the caller's own forward
+        self._calls = [0]
         self._noise = 0.0
         self._loss_dtype = torch.float32
         self._initialized = False
@@ -166,22 +256,33 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if id(p) not in seen:
                 seen.add(id(p))
                 unique.append(p)
+        if not unique:
+            raise ValueError(
+                f"param group {len(self.param_groups)} has no parameters; every param group needs at least one"
+            )
         param_group["params"] = unique
         super().add_param_group(param_group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Subclasses raise ValueError for invalid hyperparameters of one group."""
 
-    def _check_groups(self) -> None:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups):
+    def _check_values(self, groups: list[dict[str, Any]]) -> None:
+        """Validate the hyperparameters of ``groups`` (constructor and ``load_state_dict`` alike)."""
+        first = groups[0]
+        for i, group in enumerate(groups):
             self._validate_group(group)
+            if "step_size" in group:
+                _positive("step_size", group["step_size"])
             for key in self._search_keys:
                 if group[key] != first[key]:
                     raise ValueError(
                         f"param group {i} sets {key}={group[key]!r} but group 0 has {first[key]!r}; line-search "
                         f"hyperparameters ({', '.join(self._search_keys)}) must be the same in every group"
                     )
+
+    def _check_groups(self) -> None:
+        self._check_values(self.param_groups)
+        for i, group in enumerate(self.param_groups):
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(
@@ -402,29 +503,107 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Subclasses: decide and apply the update. Return (result, searched groups, merge info)."""
         raise NotImplementedError
 
+    @contextmanager
+    def _seeded(self, step: int) -> Iterator[None]:
+        """The RNG state every closure call of step ``step`` runs under; the caller's state is restored after."""
+        seed = (self._seed + step) % (2**62)
+        devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            # Seed exactly the generators fork_rng restores (torch.manual_seed would also seed every other GPU
+            # without restoring it, and on a CPU-only build records a stack trace per call).
+            torch.default_generator.manual_seed(seed)
+            for i in devices:
+                torch.cuda.default_generators[i].manual_seed(seed)
+            yield
+
+    @contextmanager
+    def step_rng(self) -> Iterator[None]:
+        """Run your own forward for ``step(closure, loss=loss)`` under the random state of the step's trials.
+
+        With ``deterministic_closure=True`` every trial runs under one seed per step, so a loss that the caller
+        computed under other random numbers (dropout) is not comparable with the trial losses: ``step(closure,
+        loss=loss)`` then evaluates ``f(w0)`` once more under the step's seed (one extra forward). A loss computed
+        inside this context is already comparable, and the extra forward is skipped::
+
+            with opt.step_rng():
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step(closure, loss=loss)
+
+        With ``deterministic_closure=False`` this does nothing.
+        """
+        if not self.deterministic_closure:
+            yield
+            return
+        step = self._step_count
+        with self._seeded(step):
+            yield
+        self._rng_step = step
+
     def _runner(self, closure: Closure) -> Callable[[], Tensor]:
         calls = self._calls = [0]
-        if not self.deterministic_closure:
+        step = self._step_count
 
-            def run() -> Tensor:
-                calls[0] += 1
-                return closure()
-
-            return run
-        seed = (self._seed + self._step_count) % (2**62)
-        devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
-
-        def run_seeded() -> Tensor:
+        def run() -> Tensor:
             calls[0] += 1
-            with torch.random.fork_rng(devices=devices):
-                # Seed exactly the generators fork_rng restores (torch.manual_seed would also seed every other GPU
-                # without restoring it, and on a CPU-only build records a stack trace per call).
-                torch.default_generator.manual_seed(seed)
-                for i in devices:
-                    torch.cuda.default_generators[i].manual_seed(seed)
-                return closure()
+            with _backward_refused():
+                if not self.deterministic_closure:
+                    return closure()
+                with self._seeded(step):
+                    return closure()
 
-        return run_seeded
+        return run
+
+    def _call(self, run: Closure, where: str, grad: bool = False) -> tuple[Tensor, float]:
+        """Evaluate the closure once: its output and the float64 loss (under ``torch.distributed``, the mean over
+        ranks). When the closure raises on one rank, every rank raises at this same call, so that every rank ends
+        the step the same way (the failing rank with its own exception)."""
+        group = self._group()
+        try:
+            with torch.set_grad_enabled(grad):
+                out = run()
+            value = check_loss(out, where)
+        except BaseException:
+            if group is not None:
+                self._reduce([math.nan, 1.0], average=False)  # the other ranks wait for this call
+            raise
+        if group is None:
+            return out, value
+        total, failed = self._reduce([value, 0.0], average=False)
+        if failed:
+            raise RuntimeError(
+                f"another rank raised inside the closure {where}; this rank ends the step the same way (the "
+                "parameters are back at w0, see the failing rank's error)"
+            )
+        return out, total / dist.get_world_size(group)
+
+    def _loss_at_start(self, run: Closure, loss: Tensor | None) -> tuple[Tensor, float]:
+        """``f(w0)`` that the trials are compared with, and the loss tensor ``step()`` returns. Runs backward when
+        the optimizer computes the loss itself. Changes no optimizer state."""
+        if loss is None:
+            loss, f0 = self._call(run, "at the starting point", grad=True)
+            if not math.isfinite(f0):
+                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+            if not loss.requires_grad:
+                raise ValueError(
+                    "the closure's loss does not require grad: compute it from the parameters with grad enabled, and "
+                    "return it without calling backward() (the optimizer runs backward itself)"
+                )
+            for b in self._buckets:
+                b.zero_grad()
+            with torch.enable_grad():
+                loss.backward()
+            return loss, f0
+        f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
+        if not math.isfinite(f0):
+            raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+        if self.deterministic_closure and self._rng_step != self._step_count:
+            # The caller's forward ran under other random numbers (dropout) than the trials will: compare the trials
+            # with f(w0) evaluated under the step's seed, not with the caller's loss.
+            f0 = self._call(run, "at the starting point (re-evaluated under the step's seed)")[1]
+            if not math.isfinite(f0):
+                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+        return loss, f0
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, loss: Tensor | None = None) -> Tensor:  # type: ignore[override]
@@ -432,14 +611,30 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: callable that evaluates the loss on the current batch and returns it as a scalar tensor. It
-                must not call ``backward()``: the optimizer runs backward once, then calls the closure under
-                ``torch.no_grad()`` for every trial point. Required.
+                must not call ``backward()`` (refused with a ValueError): the optimizer runs backward once, then
+                calls the closure under ``torch.no_grad()`` for every trial point. Required.
             loss: the loss at the current parameters when the caller already ran forward and backward (as HF
-                Trainer or Lightning do). The optimizer then uses the existing ``.grad`` and only runs trials.
+                Trainer or Lightning do). The optimizer then uses the existing ``.grad`` and only runs trials. With
+                ``deterministic_closure=True`` the trials are compared with ``f(w0)`` evaluated once more under the
+                step's seed (one extra forward, so that dropout masks match), unless the caller's forward ran
+                inside :meth:`step_rng`.
 
         Returns:
             The loss at the starting point. When ``loss`` is None, grads are zeroed before backward, so calling
             ``zero_grad()`` is not needed.
+
+        Failure semantics (a step is all-or-nothing for the parameters):
+            - Refused input (no closure, a closure that calls ``backward()`` or returns no scalar tensor at the
+              starting point, a non-finite loss or gradient, sparse or complex grads, moved parameters): raised
+              before anything changes; parameters and optimizer state stay bit-identical.
+            - Anything raised after the step started changing state (inside the closure at a trial, a trial that
+              returns no scalar tensor, out of memory, ``KeyboardInterrupt``, a kernel error): the parameters are put
+              back bit-exactly at ``w0``, the step sizes and the line-search state (PLASLS components, cursor and
+              merges, SaLSa's smoothing state) return to their values before the step, the moments keep this
+              step's gradient (as after a skipped step) and the step counter advances with them; ``last_step``
+              records the step with outcome ``"interrupted"`` (``reason`` names the exception); then the exception
+              is re-raised. Training can simply continue with the next ``step()``. Under ``torch.distributed`` a
+              closure that raises on one rank makes every rank raise at the same call and end the step this way.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step() requires a closure that returns the loss")
@@ -450,23 +645,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if not self._dist_checked:
             self._check_ranks_agree()
         run = self._runner(closure)
-        if loss is None:
-            with torch.enable_grad():
-                loss = run()
-            # Under torch.distributed the decision uses the mean loss over ranks (a NaN on one rank reaches all).
-            f0 = self._reduce([check_loss(loss, "at the starting point")])[0]
-            if not math.isfinite(f0):
-                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
-            if not loss.requires_grad:
-                raise ValueError("the closure's loss does not require grad: compute it from the parameters")
-            for b in self._buckets:
-                b.zero_grad()
-            with torch.enable_grad():
-                loss.backward()
-        else:
-            f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
-            if not math.isfinite(f0):
-                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+        loss, f0 = self._loss_at_start(run, loss)
         for b in self._buckets:
             b.check_grads()
         for b in self._buckets:
@@ -481,13 +660,22 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._noise = 0.0
         if self.estimate_noise:
             # A repeated evaluation at w0 measures the closure's evaluation noise (nondeterministic kernels).
-            repeat = self._reduce([check_loss(run(), "at the starting point (noise estimate)")])[0]
+            repeat = self._call(run, "at the starting point (noise estimate)")[1]
             self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
-        # From here on the state changes.
-        sums = self._pass_a()
-        if self._recorder is not None:
-            self._recorder.begin_step(self, f0, sums)
-        result, searched, merged = self._search(run, f0, sums)
+        # From here on the state changes: whatever raises ends the step as "interrupted" (see the docstring).
+        before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state())
+        pass_a_done, calls_before = False, self._calls[0]
+        try:
+            with _sigint_deferred():  # Pass A updates the moments in place: never leave it half done
+                sums = self._pass_a()
+            pass_a_done = True
+            if self._recorder is not None:
+                self._recorder.begin_step(self, f0, sums)
+            result, searched, merged = self._search(run, f0, sums)
+        except BaseException as err:
+            with _sigint_deferred():
+                self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
+            raise
         self._step_count += 1
         self.last_step = StepRecord(
             step=self._step_count,
@@ -504,6 +692,32 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._recorder is not None:
             self._recorder.end_step(self, self.last_step)
         return loss.detach()
+
+    def _interrupted(
+        self, before: tuple[tuple[float, ...], dict[str, Any]], pass_a_done: bool, f0: float, trials: int, err
+    ) -> None:
+        """End a step that raised after Pass A started: parameters back at ``w0``, step sizes and line-search state
+        as before the step, moments (already updated by Pass A) kept, the step counted and recorded."""
+        if pass_a_done:  # Pass A does not write w; a trial may have
+            self._restore()
+        step_sizes, extra = before
+        for group, eta in zip(self.param_groups, step_sizes, strict=True):
+            group["step_size"] = eta
+        self._load_extra_state(extra)
+        self._step_count += 1
+        self.last_step = StepRecord(
+            step=self._step_count,
+            loss=f0,
+            trial_loss=None,
+            step_sizes=step_sizes,
+            searched=(),
+            trials=trials,
+            outcome="interrupted",
+            closure_calls=self._calls[0],
+            reason=type(err).__name__,
+        )
+        if self._recorder is not None and pass_a_done:
+            self._recorder.end_step(self, self.last_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat grad buffers. Grads stay allocated as views of them whatever ``set_to_none`` says, so
@@ -554,48 +768,97 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()`` of the same optimizer class over the same parameter layout.
 
-        Everything is validated before anything changes; a mismatch raises ValueError.
+        Everything is validated before anything changes, with the same validators as the constructor: a value out
+        of range (a NaN step size, a negative second moment, ``c=-1``), a missing or unknown key, or a layout
+        mismatch raises ValueError naming the key and the value.
         """
         name = type(self).__name__
-        meta = state_dict.get("lsfused") if isinstance(state_dict, dict) else None
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"a state_dict must be a dict, got {type(state_dict).__name__}")
+        meta = state_dict.get("lsfused")
         if not isinstance(meta, dict):
             raise ValueError(f"not an lsfused state_dict (no 'lsfused' entry); cannot load it into {name}")
-        if meta.get("optimizer") != name:
-            raise ValueError(f"state_dict was saved by {meta.get('optimizer')!r}, cannot load it into {name}")
-        if meta.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported lsfused state_dict version {meta.get('version')!r}")
-        if meta.get("layout") != self._layout():
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        meta_keys = ("optimizer", "version", "layout", "step", "seed", "extra")
+        missing += [f"lsfused.{k}" for k in meta_keys if k not in meta]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}; cannot load it into {name}")
+        if meta["optimizer"] != name:
+            raise ValueError(f"state_dict was saved by {meta['optimizer']!r}, cannot load it into {name}")
+        if meta["version"] != _STATE_VERSION:
+            raise ValueError(f"unsupported lsfused state_dict version {meta['version']!r}")
+        if meta["layout"] != self._layout():
             raise ValueError(
                 f"state_dict parameter layout does not match this {name}: saved groups/shapes "
-                f"{meta.get('layout')} vs {self._layout()}"
+                f"{meta['layout']} vs {self._layout()}"
             )
-        saved_groups = state_dict["param_groups"]
+        _int_at_least("state_dict step", meta["step"], 0)
+        _int_at_least("state_dict seed", meta["seed"], 0)
+        saved_groups = self._checked_groups(state_dict["param_groups"])
+        new_state = self._checked_moments(state_dict["state"])
+        if not isinstance(meta["extra"], dict):
+            raise ValueError(f"state_dict entry lsfused.extra must be a dict, got {type(meta['extra']).__name__}")
+        self._check_extra_state(meta["extra"], saved_groups)
+        # Validated: now commit.
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            group.update(saved)
+        for p, st in new_state.items():
+            for key, t in st.items():
+                self.state[p][key].copy_(t)
+        self._step_count = meta["step"]
+        self._seed = meta["seed"]
+        self._load_extra_state(meta["extra"])
+
+    def _checked_groups(self, saved: Any) -> list[dict[str, Any]]:
+        """The saved param groups' hyperparameters (without ``params``), validated like the constructor's."""
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            n = len(saved) if isinstance(saved, list) else type(saved).__name__
+            raise ValueError(f"state_dict has {n} param groups, this optimizer has {len(self.param_groups)}")
+        out, index = [], 0
+        for i, (group, entry) in enumerate(zip(self.param_groups, saved, strict=True)):
+            if not isinstance(entry, dict):
+                raise ValueError(f"state_dict param group {i} must be a dict, got {type(entry).__name__}")
+            n = len(group["params"])
+            if entry.get("params") != list(range(index, index + n)):
+                raise ValueError(f"state_dict param group {i} lists params {entry.get('params')!r}, expected {n}")
+            index += n
+            keys, expected = set(entry) - {"params"}, set(group) - {"params"}
+            if keys != expected:
+                raise ValueError(
+                    f"state_dict param group {i} has keys missing {sorted(expected - keys)} and unknown "
+                    f"{sorted(keys - expected)}"
+                )
+            out.append({k: v for k, v in entry.items() if k != "params"})
+        try:
+            self._check_values(out)
+        except ValueError as err:
+            raise ValueError(f"state_dict: {err}") from None
+        return out
+
+    def _checked_moments(self, saved: Any) -> dict[Tensor, dict[str, Tensor]]:
+        """The saved moments per parameter: complete, of the right shape, finite (``exp_avg_sq`` also >= 0)."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict entry 'state' must be a dict, got {type(saved).__name__}")
         params = [p for g in self.param_groups for p in g["params"]]
         local_shape = {id(p): b.shapes[i] for b in self._buckets for i, p in enumerate(b.params)}
         expected_keys = set(next(iter(self.state.values())).keys()) if self.state else set()
         new_state = {}
         for i, p in enumerate(params):
-            st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
-            if st is None or set(st) != expected_keys:
+            st = saved.get(i, saved.get(str(i)))
+            if not isinstance(st, dict) or set(st) != expected_keys:
                 raise ValueError(
                     f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})"
                 )
             for key, t in st.items():
-                if not isinstance(t, Tensor) or t.shape != local_shape[id(p)]:
-                    raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape")
-            new_state[id(p)] = st
-        self._check_extra_state(meta["extra"], saved_groups)
-        # Validated: now commit.
-        for group, saved in zip(self.param_groups, saved_groups, strict=True):
-            for k, v in saved.items():
-                if k != "params":
-                    group[k] = v
-        for p in params:
-            for key, t in new_state[id(p)].items():
-                self.state[p][key].copy_(t)
-        self._step_count = int(meta["step"])
-        self._seed = int(meta["seed"])
-        self._load_extra_state(meta["extra"])
+                if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local_shape[id(p)]:
+                    raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape and dtype")
+                bad = ~torch.isfinite(t) | (t < 0) if key == "exp_avg_sq" else ~torch.isfinite(t)
+                if bool(bad.any()):
+                    value = t[bad].flatten()[0].item()
+                    what = "finite and >= 0" if key == "exp_avg_sq" else "finite"
+                    raise ValueError(f"state_dict entry {key!r} of parameter {i} must be {what}, holds {value!r}")
+            new_state[p] = st
+        return new_state
 
     def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
         """Subclasses raise ValueError when their saved state cannot apply."""

@@ -7,7 +7,18 @@ from typing import Any
 
 from torch import Tensor
 
-from lsfused.optim.base import LineSearchOptimizer, SearchResult, _in_range, _int_at_least, _positive
+from lsfused.optim.base import (
+    LineSearchOptimizer,
+    SearchResult,
+    _betas,
+    _boolean,
+    _finite,
+    _finite_at_least,
+    _in_range,
+    _int_at_least,
+    _open_interval,
+    _positive,
+)
 from lsfused.reference import MODE_ADAM
 
 _GATE = 1e-8  # below this loss or smoothed decrease term the search is not run (authors' code)
@@ -114,26 +125,16 @@ class SaLSa(LineSearchOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _positive("init_step_size", group["init_step_size"])
-        _positive("c", group["c"])
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _in_range("betas[0]", betas[0], 0.0, 1.0)
-        _in_range("betas[1]", betas[1], 0.0, 1.0)
+        _open_interval("c", group["c"], 0.0, 1.0)
+        _betas(group["betas"])
         _in_range("smoothing", group["smoothing"], 0.0, 1.0)
-        if not (isinstance(group["growth"], (int, float)) and group["growth"] >= 1.0):
-            raise ValueError(f"growth must be >= 1, got {group['growth']!r}")
-        _in_range("shrink", group["shrink"], 0.0, 1.0)
-        if group["shrink"] <= 0.0:
-            raise ValueError(f"shrink must be in (0, 1), got {group['shrink']!r}")
+        _finite_at_least("growth", group["growth"], 1.0)
+        _open_interval("shrink", group["shrink"], 0.0, 1.0)
         _int_at_least("max_backtracks", group["max_backtracks"], 1)
-        for key in ("use_momentum_direction", "speed_up"):
-            if not isinstance(group[key], bool):
-                raise ValueError(f"{key} must be a bool, got {group[key]!r}")
-        if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0.0):
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
-        if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0.0):
-            raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+        _boolean("use_momentum_direction", group["use_momentum_direction"])
+        _boolean("speed_up", group["speed_up"])
+        _finite_at_least("weight_decay", group["weight_decay"], 0.0)
+        _finite_at_least("eps", group["eps"], 0.0)
 
     def _needs(self) -> tuple[bool, bool, bool]:
         return True, True, True
@@ -206,6 +207,11 @@ class SaLSa(LineSearchOptimizer):
         missing = set(self._smoothed) - set(extra)
         if missing:
             raise ValueError(f"state_dict lacks SaLSa smoothing state {sorted(missing)}")
+        for key in ("G", "D", "s_now"):
+            _finite(f"state_dict SaLSa state {key}", extra[key])
+        for key in ("fast", "slow"):
+            _positive(f"state_dict SaLSa state {key}", extra[key])
+        _int_at_least("state_dict SaLSa state since_search", extra["since_search"], 0)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._smoothed = {key: extra[key] for key in self._smoothed}

@@ -16,8 +16,12 @@ from torch import Tensor
 from lsfused.optim.base import (
     LineSearchOptimizer,
     SearchResult,
-    _in_range,
+    _betas,
+    _boolean,
+    _choice,
+    _finite_at_least,
     _int_at_least,
+    _open_interval,
     _positive,
 )
 from lsfused.reference import MODE_ADAM, MODE_SGD
@@ -45,24 +49,15 @@ class _ArmijoSLS(LineSearchOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _positive("init_step_size", group["init_step_size"])
-        _positive("c", group["c"])
-        _in_range("beta_b", group["beta_b"], 0.0, 1.0)
-        if group["beta_b"] <= 0.0:
-            raise ValueError(f"beta_b must be in (0, 1), got {group['beta_b']!r}")
-        if not (isinstance(group["gamma"], (int, float)) and group["gamma"] >= 1.0):
-            raise ValueError(f"gamma must be >= 1, got {group['gamma']!r}")
+        _open_interval("c", group["c"], 0.0, 1.0)
+        _open_interval("beta_b", group["beta_b"], 0.0, 1.0)
+        _finite_at_least("gamma", group["gamma"], 1.0)
         _int_at_least("n_batches_per_epoch", group["n_batches_per_epoch"], 1)
         _int_at_least("max_backtracks", group["max_backtracks"], 1)
-        if group["on_failure"] not in _ON_FAILURE:
-            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {group['on_failure']!r}")
+        _choice("on_failure", group["on_failure"], _ON_FAILURE)
         if "betas" in group:
-            betas = group["betas"]
-            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-                raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-            _in_range("betas[0]", betas[0], 0.0, 1.0)
-            _in_range("betas[1]", betas[1], 0.0, 1.0)
-            if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0.0):
-                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+            _betas(group["betas"])
+            _finite_at_least("eps", group["eps"], 0.0)
 
     @property
     def _has_momentum(self) -> bool:
@@ -183,9 +178,17 @@ class _ArmijoSLS(LineSearchOptimizer):
 
     def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
         comps = extra.get("components")
-        flat = sorted(i for comp in comps or [] for i in comp)
+        ok = isinstance(comps, list) and all(isinstance(c, list) and c for c in comps)
+        flat = sorted(i for comp in comps for i in comp) if ok else None
         if flat != list(range(self.n_groups)):
             raise ValueError(f"state_dict component layout {comps!r} does not cover this optimizer's groups")
+        _int_at_least("state_dict cursor", extra.get("cursor"), 0)
+        if extra["cursor"] >= len(comps):
+            raise ValueError(f"state_dict cursor {extra['cursor']} is past the last of {len(comps)} components")
+        for comp in comps:  # merged components share one step size
+            etas = {saved_groups[i]["step_size"] for i in comp}
+            if len(etas) > 1:
+                raise ValueError(f"state_dict component {comp} holds different step sizes {sorted(etas)}")
 
     def _extra_state(self) -> dict[str, Any]:
         return {"components": [list(c) for c in self.components], "cursor": self._cursor}
@@ -409,22 +412,22 @@ class PLASLS(AdamSLS):
         full_search_steps: int = 1,
         joint_check: bool = False,
     ):
-        if not (isinstance(merge_threshold, (int, float)) and merge_threshold >= 0.0):
-            raise ValueError(f"merge_threshold must be >= 0, got {merge_threshold!r}")
-        if schedule not in ("cyclic", "random"):
-            raise ValueError(f"schedule must be 'cyclic' or 'random', got {schedule!r}")
+        _finite_at_least("merge_threshold", merge_threshold, 0.0)
+        _choice("schedule", schedule, ("cyclic", "random"))
         _int_at_least("full_search_steps", full_search_steps, 0)
-        if not isinstance(joint_check, bool):
-            raise ValueError(f"joint_check must be True or False, got {joint_check!r}")
+        _boolean("joint_check", joint_check)
         self.joint_check = joint_check
         groups = []
-        for comp in components:
+        for i, comp in enumerate(components):
             if isinstance(comp, dict):
                 groups.append(dict(comp))
             elif isinstance(comp, Tensor):
                 groups.append({"params": [comp]})
             else:
                 groups.append({"params": list(comp)})
+            params = groups[-1].get("params")
+            if not isinstance(params, Tensor) and not list(params or []):
+                raise ValueError(f"PLASLS component {i} has no parameters; every component needs at least one")
         if not groups:
             raise ValueError("PLASLS needs at least one component")
         self.merge_threshold = float(merge_threshold)
@@ -497,6 +500,16 @@ class PLASLS(AdamSLS):
         extra["generator"] = self._generator.get_state()
         extra["merges"] = [dict(m) for m in self.merges]
         return extra
+
+    def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
+        super()._check_extra_state(extra, saved_groups)
+        try:
+            torch.Generator().set_state(extra.get("generator"))
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"state_dict entry 'generator' is not a generator state ({err})") from None
+        merges = extra.get("merges")
+        if not (isinstance(merges, list) and all(isinstance(m, dict) for m in merges)):
+            raise ValueError(f"state_dict entry 'merges' must be a list of dicts, got {merges!r}")
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
