@@ -75,7 +75,7 @@ def worker(rank, mode, name, out, port):
 def train(rank, mode, model, ddp, opt, out):
     if mode == "mismatch" and rank == 1:
         opt.param_groups[0]["c"] = 0.2
-    records, params = [], []
+    records, params, interrupted = [], [], []
     error = None
     try:
         for i, (x, y) in enumerate(global_batches() * 5):
@@ -87,14 +87,24 @@ def train(rank, mode, model, ddp, opt, out):
                 loss = nn.functional.cross_entropy(ddp(xs), ys)
                 if mode == "nanrank" and rank == 1 and i == 3 and not torch.is_grad_enabled():
                     return loss * float("nan")  # rank 1's trials at step 4 are non-finite
+                if mode == "raiserank" and rank == 1 and i == 3 and not torch.is_grad_enabled():
+                    raise RuntimeError("rank 1 fails at a trial")
                 return loss
 
-            opt.step(closure)
+            w0 = full(model)
+            try:
+                opt.step(closure)
+            except RuntimeError as err:
+                if mode != "raiserank":
+                    raise
+                at_w0 = all(torch.equal(a, b) for a, b in zip(w0, full(model), strict=True))
+                interrupted.append({"step": i, "error": str(err), "at_w0": at_w0})
             records.append(opt.last_step)
             params.append(full(model))
     except ValueError as err:
         error = str(err)
-    torch.save({"records": records, "params": params, "error": error}, os.path.join(out, f"rank{rank}.pt"))
+    result = {"records": records, "params": params, "error": error, "interrupted": interrupted}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 
 def resume(rank, model, ddp, opt, out):

@@ -88,6 +88,20 @@ def test_nonfinite_trial_on_one_rank_is_rejected_everywhere(tmp_path):
 
 
 @pytest.mark.slow
+def test_closure_raising_on_one_rank_interrupts_the_step_on_every_rank(tmp_path):
+    r0, r1 = run_ranks(tmp_path, "raiserank", "adamsls")
+    assert r0["error"] is None and r1["error"] is None
+    assert [e["step"] for e in r0["interrupted"]] == [e["step"] for e in r1["interrupted"]] == [3]
+    assert r1["interrupted"][0]["error"] == "rank 1 fails at a trial"
+    assert "another rank raised inside the closure" in r0["interrupted"][0]["error"]
+    assert r0["interrupted"][0]["at_w0"] and r1["interrupted"][0]["at_w0"]
+    assert r0["records"][3].outcome == r1["records"][3].outcome == "interrupted"
+    assert len(r0["records"]) == len(r1["records"]) == STEPS  # training went on, in step on both ranks
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
 def test_ranks_with_different_hyperparameters_are_refused(tmp_path):
     r0, r1 = run_ranks(tmp_path, "mismatch", "adamsls")
     for r in (r0, r1):

@@ -437,7 +437,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         eta, ft, unchanged, first_unchanged_eta = eta0, None, 0, eta0
         for t in range(1, max_trials + 1):
             self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)
-            ft = self._reduce([check_loss(run(), "at a trial point")])[0]
+            ft = self._call(run, "at a trial point")[1]
             ok = math.isfinite(ft) and decrease(eta, ft)
             if ft == f0:
                 unchanged += 1
