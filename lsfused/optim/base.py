@@ -629,7 +629,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
               before anything changes; parameters and optimizer state stay bit-identical.
             - Anything raised after the step started changing state (inside the closure at a trial, a trial that
               returns no scalar tensor, out of memory, ``KeyboardInterrupt``, a kernel error): the parameters are put
-              back bit-exactly at ``w0``, the step sizes and the line-search state (PLASLS components, cursor and
+              back bit-exactly at ``w0`` (the step's snapshot: the parameters before the step, with this step's
+              decoupled weight decay applied when ``weight_decay > 0``), the step sizes and the line-search state (PLASLS components, cursor and
               merges, SaLSa's smoothing state) return to their values before the step, the moments keep this
               step's gradient (as after a skipped step) and the step counter advances with them; ``last_step``
               records the step with outcome ``"interrupted"`` (``reason`` names the exception); then the exception
