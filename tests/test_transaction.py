@@ -54,8 +54,9 @@ def moments(opt):
     return [v.clone() for st in opt.state.values() for v in st.values()]
 
 
-@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt, torch.OutOfMemoryError, "float"])
-@pytest.mark.parametrize("call", [2, 3])
+@pytest.mark.parametrize(
+    "call, exc", [(2, RuntimeError), (3, KeyboardInterrupt), (2, torch.OutOfMemoryError), (3, "float")]
+)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_exception_inside_a_trial_leaves_w0_and_consistent_state(name, call, exc):
     data = batches(4)

@@ -630,9 +630,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             - Anything raised after the step started changing state (inside the closure at a trial, a trial that
               returns no scalar tensor, out of memory, ``KeyboardInterrupt``, a kernel error): the parameters are put
               back bit-exactly at ``w0`` (the step's snapshot: the parameters before the step, with this step's
-              decoupled weight decay applied when ``weight_decay > 0``), the step sizes and the line-search state (PLASLS components, cursor and
-              merges, SaLSa's smoothing state) return to their values before the step, the moments keep this
-              step's gradient (as after a skipped step) and the step counter advances with them; ``last_step``
+              decoupled weight decay applied when ``weight_decay > 0``), the step sizes and the line-search state
+              (PLASLS components, cursor and merges, SaLSa's smoothing state) return to their values before the
+              step, the moments keep this step's gradient (as after a skipped step) and the step counter advances
+              with them; ``last_step``
               records the step with outcome ``"interrupted"`` (``reason`` names the exception); then the exception
               is re-raised. Training can simply continue with the next ``step()``. Under ``torch.distributed`` a
               closure that raises on one rank makes every rank raise at the same call and end the step this way.
