@@ -291,3 +291,114 @@ def test_skipped_step_whose_joint_check_shrinks_the_step_sizes_can_merge():
     assert opt.last_step.outcome == "skipped"
     assert opt.last_step.merged == (0, 1)
     assert opt.components == [[0, 1]]
+
+
+# ---------------------------------------------------------------- trial_point: the authors' sequential order
+
+
+def _deep_mlp() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _plasls_float64(model, data, steps, trial_point, lr0, c, beta_b, growth, betas, eps, full_steps):
+    """PLASLS written from the equations in float64, independent of lsfused: Adam moments, the momentum-free search
+    direction ``d = -g/(sqrt(v_hat)+eps)``, the applied direction ``-m_hat/(sqrt(v_hat)+eps)``, Eq. 2's growth, one
+    joint search per step for ``full_steps`` steps, then one component per step in cyclic order (no merges). A
+    component's trial point is ``w0 + eta*d`` on it and, with ``trial_point="sequential"``, ``w0 + eta_j*dm_j`` on the
+    components before it (the others at w0). Returns every trial point (flattened) and the step sizes per step."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    w = [p.detach().clone() for layer in layers for p in (layer.weight, layer.bias)]
+    comp_of = [i // 2 for i in range(len(w))]
+    n_comp = len(layers)
+    m = [torch.zeros_like(p) for p in w]
+    v = [torch.zeros_like(p) for p in w]
+    etas = [lr0] * n_comp
+    b1, b2 = betas
+
+    def loss_at(params, x, y):
+        h = x
+        for i in range(n_comp):
+            h = h @ params[2 * i].T + params[2 * i + 1]
+            h = torch.tanh(h) if i < n_comp - 1 else h
+        return nn.functional.cross_entropy(h, y)
+
+    trials, sizes = [], []
+    for k in range(1, steps + 1):
+        x, y = data[(k - 1) % len(data)]
+        w0 = [p.clone().requires_grad_(True) for p in w]
+        f0 = loss_at(w0, x, y)
+        g = torch.autograd.grad(f0, w0)
+        f0 = float(f0.detach())
+        w0 = [p.detach() for p in w0]
+        d, dm, s = [], [], [0.0] * n_comp
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+            denom = torch.sqrt(v[i] / (1 - b2**k)) + eps
+            d.append(-g[i] / denom)
+            dm.append(-(m[i] / (1 - b1**k)) / denom)
+            s[comp_of[i]] += float((g[i] * g[i] / denom).sum())
+        etas = [e * growth for e in etas]
+        joint = k <= full_steps
+        searched = list(range(n_comp)) if joint else [(k - full_steps - 1) % n_comp]
+        eta = etas[searched[0]]
+        s_searched = sum(s[j] for j in searched)
+        while True:
+            point = []
+            for i in range(len(w)):
+                j = comp_of[i]
+                if j in searched:
+                    point.append(w0[i] + eta * d[i])
+                elif trial_point == "sequential" and j < searched[0]:
+                    point.append(w0[i] + etas[j] * dm[i])
+                else:
+                    point.append(w0[i])
+            trials.append(torch.cat([p.flatten() for p in point]))
+            with torch.no_grad():
+                ft = float(loss_at(point, x, y))
+            if ft <= f0 - c * eta * s_searched:
+                break
+            eta *= beta_b
+        for j in searched:
+            etas[j] = eta
+        w = [w0[i] + etas[comp_of[i]] * dm[i] for i in range(len(w))]
+        sizes.append(tuple(etas))
+    return trials, sizes
+
+
+@pytest.mark.parametrize("trial_point", ["sequential", "w0"])
+def test_trial_point_matches_an_independent_float64_implementation(trial_point):
+    data = batches(3, dtype=torch.float64)
+    settings = dict(c=0.1, beta_b=0.7, betas=(0.9, 0.999), eps=1e-8)
+    expected = {tp: _plasls_float64(_deep_mlp(), data, 8, tp, 1.0, growth=2.0 ** (1 / 5), full_steps=2, **settings)
+                for tp in ("sequential", "w0")}  # fmt: skip
+    model = _deep_mlp()
+    comps = [list(m.parameters()) for m in model if isinstance(m, nn.Linear)]
+    opt = lsfused.PLASLS(comps, init_step_size=1.0, gamma=2.0, n_batches_per_epoch=5, full_search_steps=2,
+                         armijo="classic", merge_threshold=0.0, trial_point=trial_point, **settings)  # fmt: skip
+    trials, sizes = [], []
+    for k in range(8):
+        x, y = data[k % len(data)]
+
+        def closure(x=x, y=y):
+            if not torch.is_grad_enabled():
+                trials.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            return nn.functional.cross_entropy(model(x), y)
+
+        opt.step(closure)
+        sizes.append(opt.last_step.step_sizes)
+    want_trials, want_sizes = expected[trial_point]
+    assert len(trials) == len(want_trials) > 8 + 6  # several steps backtrack
+    for got, want in zip(trials, want_trials, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for got, want in zip(sizes, want_sizes, strict=True):
+        assert got == pytest.approx(want, rel=1e-12)
+    # The two orders give different trial points on this problem, so the test tells them apart.
+    other = expected["w0" if trial_point == "sequential" else "sequential"][0]
+    assert len(other) != len(trials) or any(not torch.allclose(a, b) for a, b in zip(trials, other, strict=True))
+
+
+def test_trial_point_must_be_known():
+    with pytest.raises(ValueError, match="trial_point"):
+        lsfused.PLASLS([list(mlp().parameters())], trial_point="authors")

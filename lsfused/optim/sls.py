@@ -27,6 +27,7 @@ from lsfused.optim.base import (
 from lsfused.reference import MODE_ADAM, MODE_SGD
 
 _ON_FAILURE = ("revert", "last")
+_TRIAL_POINTS = ("w0", "sequential")
 
 
 class _ArmijoSLS(LineSearchOptimizer):
@@ -85,6 +86,8 @@ class _ArmijoSLS(LineSearchOptimizer):
         step_sizes = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}
         others = {i: e for i, e in step_sizes.items() if i not in searched}
         joint = bool(others) and self.joint_check
+        if others:
+            self._before_trials(searched, step_sizes, final_dir)
         if not s_searched > 0.0:
             # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
             # step (a zero step for the searched part, or its momentum step when beta1 > 0).
@@ -175,6 +178,9 @@ class _ArmijoSLS(LineSearchOptimizer):
 
     def _after_search(self, full: bool) -> tuple[int, int] | None:
         return None
+
+    def _before_trials(self, searched: list[int], step_sizes: dict[int, float], final_dir: str) -> None:
+        """Set the components that are not searched before the trials (PLASLS ``trial_point``); default: w0."""
 
     def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
         comps = extra.get("components")
@@ -387,6 +393,12 @@ class PLASLS(AdamSLS):
             ``w0`` (``on_failure="last"``: the last joint trial) and still shrinks the step sizes (outcome
             ``"failed"``, reason ``"joint"``); one that cannot be judged keeps ``w0`` and shrinks them only by the
             rejections before it.
+        trial_point (str, default "w0"): where the components that are not searched sit during the component
+            search. ``"w0"``: at ``w0`` (the paper's Eq. 6). ``"sequential"``: the authors' code, which updates the
+            components in index order: those listed before the searched one (in ``self.components``) have already
+            taken their step ``w0 + eta_k * dir_k`` (the applied direction, with momentum when ``betas[0] > 0``),
+            those after it are still at ``w0``. The Armijo test is the same (``f(w0) - c*eta_l*s_l``); only the trial
+            point differs. The joint phase and the joint check do not depend on it.
         other arguments: as in :class:`AdamSLS`.
     """
 
@@ -411,12 +423,15 @@ class PLASLS(AdamSLS):
         schedule: str = "cyclic",
         full_search_steps: int = 1,
         joint_check: bool = False,
+        trial_point: str = "w0",
     ):
         _finite_at_least("merge_threshold", merge_threshold, 0.0)
         _choice("schedule", schedule, ("cyclic", "random"))
         _int_at_least("full_search_steps", full_search_steps, 0)
         _boolean("joint_check", joint_check)
+        _choice("trial_point", trial_point, _TRIAL_POINTS)
         self.joint_check = joint_check
+        self.trial_point = trial_point
         groups = []
         for i, comp in enumerate(components):
             if isinstance(comp, dict):
@@ -458,7 +473,7 @@ class PLASLS(AdamSLS):
         return step_index < self.full_search_steps or len(self.components) == 1
 
     def _signature(self) -> str:
-        options = (self.joint_check, self.merge_threshold, self.schedule, self.full_search_steps)
+        options = (self.joint_check, self.merge_threshold, self.schedule, self.full_search_steps, self.trial_point)
         return super()._signature() + repr(options)
 
     def _choose_component(self) -> int:
@@ -468,6 +483,12 @@ class PLASLS(AdamSLS):
         idx = self._cursor
         self._cursor = (self._cursor + 1) % len(self.components)
         return idx
+
+    def _before_trials(self, searched: list[int], step_sizes: dict[int, float], final_dir: str) -> None:
+        if self.trial_point == "sequential":
+            # The authors' order: the components listed before the searched one have already taken their step.
+            before = self.components[: self.components.index(searched)]
+            self._apply({gi: step_sizes[gi] for comp in before for gi in comp}, final_dir)
 
     def component_step_sizes(self) -> list[float]:
         """Current step size of each component (in ``self.components`` order)."""
