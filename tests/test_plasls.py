@@ -195,6 +195,30 @@ def test_bert_components(depth, parts):
     assert comps[-1] == [*model.bert.pooler.parameters(), *model.classifier.parameters()]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, 7, 8, 9, 13, 17])
+def test_bert_components_any_depth_has_no_empty_component(depth):
+    model = FakeBert(depth)
+    comps = lsfused.components.bert_components(model)
+    layer_params = {id(p): i for i, layer in enumerate(model.bert.encoder.layer) for p in layer.parameters()}
+    parts = [sorted({layer_params[id(p)] for p in c}) for c in comps[1:-1]]
+    assert all(comps) and all(parts)
+    assert [i for part in parts for i in part] == list(range(depth))  # every layer once, in order, contiguous
+    assert len(parts) == min(depth, 8)
+
+
+def test_bert_components_can_leave_the_pooler_out():
+    model = FakeBert(12)
+    with_pooler = lsfused.components.bert_components(model)
+    without = lsfused.components.bert_components(model, include_pooler=False)
+    pooler = {id(p) for p in model.bert.pooler.parameters()}
+    assert with_pooler[:-1] == without[:-1]
+    assert without[-1] == list(model.classifier.parameters())
+    assert pooler <= {id(p) for p in with_pooler[-1]}
+    assert not pooler & {id(p) for c in without for p in c}
+    with pytest.raises(ValueError, match="include_pooler"):
+        lsfused.components.bert_components(model, include_pooler="no")
+
+
 def test_bert_components_rejects_other_models():
     with pytest.raises(ValueError, match="not a BERT-style model"):
         lsfused.components.bert_components(mlp())
