@@ -1,35 +1,30 @@
-"""The main job: train the same network with torch Adam and with lsfused's line-search optimizers, side by side.
+"""The digits demo: train the same small network with torch Adam and with lsfused's line-search optimizers.
 
-``lsfused demo`` (task ``digits``): scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes; they
-ship inside the scikit-learn package, so nothing is downloaded), a small MLP, the same seed, split and batches for
-every optimizer. Prints a table of final train loss, test accuracy, closure calls per step and wall time.
+``lsfused demo --task digits``: scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes; they ship
+inside the scikit-learn package, so nothing is downloaded), a small MLP, the same initial weights, split and batches
+for every optimizer on a given seed. Prints mean and spread over seeds of final train loss, test accuracy, closure
+calls per step and wall time.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-import lsfused
+from lsfused import components
+from lsfused.apps import compare
+from lsfused.apps.registry import Context, Factory
 
-OPTIMIZERS = ("adam", "adamsls", "plasls", "salsa", "sgdsls")
-DEFAULT_OPTIMIZERS = ("adam", "adamsls", "plasls", "salsa")
+DEFAULT_OPTIMIZERS = ("adam", "adam-tuned", "adamsls", "plasls", "salsa")
+SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
-@dataclass
-class RunResult:
-    name: str
-    train_loss: float
-    test_accuracy: float
-    closure_calls_per_step: float
-    wall_s: float
-    steps: int
-    losses: list[float]
-    step_sizes: list[list[float]]
+def context(steps: int) -> Context:
+    """The digits task as the optimizer factories see it: PLASLS over 3 layer components, Adam at 1e-3, constant."""
+    return Context(steps=steps, components=lambda model: components.by_layers(model, 3), adam_lr=1e-3)
 
 
 def load_digits(seed: int, test_fraction: float = 0.25) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -52,22 +47,6 @@ def make_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizers at their defaults (Adam at its usual lr 1e-3; PLASLS over 3 layer components)."""
-    params = list(model.parameters())
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    if name == "adamsls":
-        return lsfused.AdamSLS(params)
-    if name == "sgdsls":
-        return lsfused.SGDSLS(params)
-    if name == "plasls":
-        return lsfused.PLASLS(lsfused.components.by_layers(model, 3))
-    if name == "salsa":
-        return lsfused.SaLSa(params)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
 def _progress(total: int, desc: str):
     try:
         from tqdm import tqdm
@@ -78,25 +57,37 @@ def _progress(total: int, desc: str):
 
 def train(
     name: str,
+    factory: Factory,
     data: tuple[Tensor, Tensor, Tensor, Tensor],
     epochs: int,
     batch_size: int,
     seed: int,
     progress: bool = True,
     model_fn: Callable[[int], nn.Module] = make_model,
-) -> RunResult:
-    """Train one optimizer; every optimizer sees the same initial weights and the same batches."""
+    evaluations: int = 0,
+) -> compare.RunResult:
+    """Train one run; every optimizer sees the same initial weights and the same batches on a given seed.
+    ``evaluations``: test-accuracy evaluations (one per ``epochs/evaluations`` epochs, plus one before training)."""
     xtr, ytr, xte, yte = data
     model = model_fn(seed)
     n_batches = (len(xtr) + batch_size - 1) // batch_size
-    opt = make_optimizer(name, model)
+    opt, scheduler = factory(model, context(epochs * n_batches))
     loss_fn = nn.CrossEntropyLoss()
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            return float((model(xte).argmax(1) == yte).float().mean())
+
+    with torch.no_grad():
+        initial = float(loss_fn(model(xtr), ytr))
+    checkpoints = {round(epochs * (i + 1) / evaluations) for i in range(evaluations)} if evaluations else set()
+    curve = [(0.0, 0, accuracy())] if evaluations else []
     gen = torch.Generator().manual_seed(seed + 1)
     bar = _progress(epochs * n_batches, name) if progress else None
-    losses, step_sizes, calls, steps = [], [], 0, 0
-    start = time.perf_counter()
-    for _ in range(epochs):
+    losses, step_sizes, forwards, steps, wall = [], [], 0, 0, 0.0
+    for epoch in range(epochs):
         perm = torch.randperm(len(xtr), generator=gen)
+        start = time.perf_counter()
         for i in range(n_batches):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             xb, yb = xtr[idx], ytr[idx]
@@ -104,59 +95,43 @@ def train(
             def closure(xb=xb, yb=yb) -> Tensor:
                 return loss_fn(model(xb), yb)
 
-            if isinstance(opt, lsfused.LineSearchOptimizer):
-                loss = opt.step(closure)
-                rec = opt.last_step
-                calls += rec.closure_calls
-                step_sizes.append(list(rec.step_sizes))
-                postfix = {"loss": f"{float(loss):.4f}", "eta": f"{min(rec.step_sizes):.2e}", "trials": rec.trials}
-            else:
-                opt.zero_grad()
-                loss = closure()
-                loss.backward()
-                opt.step()
-                calls += 1
-                step_sizes.append([group["lr"] for group in opt.param_groups])
-                loss = loss.detach()
-                postfix = {"loss": f"{float(loss):.4f}"}
-            losses.append(float(loss))
+            loss, calls, sizes = compare.optimizer_step(opt, scheduler, closure)
+            forwards += calls
+            step_sizes.append(sizes)
+            losses.append(loss)
             steps += 1
             if bar is not None:
-                bar.set_postfix(postfix, refresh=False)
+                bar.set_postfix({"loss": f"{loss:.4f}", "eta": f"{min(sizes):.2e}", "calls": calls}, refresh=False)
                 bar.update()
-    wall = time.perf_counter() - start
+        wall += time.perf_counter() - start
+        if epoch + 1 in checkpoints:
+            curve.append((wall, forwards, accuracy()))
     if bar is not None:
         bar.close()
     with torch.no_grad():
         train_loss = float(loss_fn(model(xtr), ytr))
-        accuracy = float((model(xte).argmax(1) == yte).float().mean())
-    return RunResult(name, train_loss, accuracy, calls / max(steps, 1), wall, steps, losses, step_sizes)
-
-
-def format_table(results: list) -> str:
-    """The results table of both demos; the optimizer's share of the time when the results carry it."""
-    share = all(hasattr(r, "optimizer_share") for r in results)
-    header = f"{'optimizer':<10} {'train loss':>10} {'test acc':>9} {'calls/step':>10} {'wall s':>8}"
-    header += f" {'optimizer share':>15}" if share else ""
-    lines = [header, "-" * len(header)]
-    for r in results:
-        line = (
-            f"{r.name:<10} {r.train_loss:>10.4f} {r.test_accuracy:>9.4f} {r.closure_calls_per_step:>10.2f} "
-            f"{r.wall_s:>8.2f}"
-        )
-        lines.append(line + (f" {r.optimizer_share:>15.1%}" if share else ""))
-    return "\n".join(lines)
+    return compare.RunResult(
+        name, seed, initial, train_loss, accuracy(), steps, forwards, steps, wall, None, losses, step_sizes, curve
+    )
 
 
 def run_digits(
     optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS,
     epochs: int = 15,
     batch_size: int = 64,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
     progress: bool = True,
-) -> list[RunResult]:
-    for name in optimizers:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    data = load_digits(seed)
-    return [train(name, data, epochs, batch_size, seed, progress) for name in optimizers]
+    sweep_lrs: tuple[float, ...] = SWEEP_LRS,
+    evaluations: int | None = None,
+) -> tuple[list[compare.RunResult], str]:
+    """Every optimizer on every seed (each seed draws its own split, initial weights and batch order); returns the
+    results and the table (mean ± standard deviation over seeds). ``evaluations`` defaults to one per epoch."""
+    evaluations = epochs if evaluations is None else evaluations
+    datasets = {}
+
+    def trainer(name: str, factory: Factory, seed: int) -> compare.RunResult:
+        data = datasets.setdefault(seed, load_digits(seed))
+        return train(name, factory, data, epochs, batch_size, seed, progress, evaluations=evaluations)
+
+    results, _, notes = compare.run(trainer, optimizers, seeds, sweep_lrs)
+    return results, compare.format_table(compare.aggregate(results, notes))
