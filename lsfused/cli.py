@@ -17,19 +17,22 @@ def _demo(args: argparse.Namespace) -> int:
         from lsfused.apps import demo
 
         epochs, batch = args.epochs or 15, args.batch_size or 64
+        out = args.out or "lsfused_out/demo-digits"
         _, table = demo.run_digits(
-            optimizers, epochs, batch, seeds, progress=not args.no_progress, sweep_lrs=sweep or demo.SWEEP_LRS
+            optimizers, epochs, batch, seeds, not args.no_progress, sweep or demo.SWEEP_LRS, out=out
         )
         print(f"\ndigits (scikit-learn, 8x8 images, 10 classes), {epochs} epochs, batch {batch}, seeds {seeds}")
         print(table)
+        print(f"wrote {out}/table.txt and {out}/demo.png")
     else:
         from lsfused.apps import finetune
 
+        out = args.out or "lsfused_out/demo"
         _, table = finetune.run(
             optimizers,
             epochs=args.epochs or 5,
             seeds=seeds,
-            out=args.out,
+            out=out,
             data_csv=args.data,
             quick=args.quick,
             n_train=args.n_train,
@@ -42,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
         print()
         print(table)
-        print(f"wrote {args.out}/table.txt and {args.out}/demo.png")
+        print(f"wrote {out}/table.txt and {out}/demo.png")
     if args.seeds < 3:
         cost = "a minute" if args.task == "digits" else "about 25 minutes on 2 CPU cores"
         print(
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=500, help="text: training examples (WordNet)")
     p.add_argument("--n-test", type=int, default=400, help="text: test examples (WordNet)")
     p.add_argument("--max-length", type=int, default=48, help="text: tokens per example")
-    p.add_argument("--out", default="lsfused_out/demo", help="text: where table.txt and demo.png go")
+    p.add_argument("--out", help="where table.txt and demo.png go (lsfused_out/demo, digits: lsfused_out/demo-digits)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true", help="text: keep the runs already in OUT/runs.jsonl")
     p.set_defaults(func=_demo)

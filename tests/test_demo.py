@@ -17,9 +17,11 @@ def test_digits_data_split_is_seeded():
     assert len(a[0]) + len(a[2]) == 1797 and len(a[2]) == 449
 
 
-def test_demo_cli_prints_table(capsys):
+def test_demo_cli_prints_table(capsys, tmp_path):
     names = "adam,adamsls,plasls,salsa,sgdsls"
-    assert cli.main(["demo", "--task", "digits", "--epochs", "1", "--optimizers", names, "--no-progress"]) == 0
+    args = ["demo", "--task", "digits", "--epochs", "1", "--optimizers", names, "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert (tmp_path / "table.txt").read_text().count("\n") == 8 and (tmp_path / "demo.png").exists()
     out = capsys.readouterr().out
     for name in names.split(","):
         assert f"\n{name} " in out
@@ -105,7 +107,7 @@ def test_registry_is_extensible_and_checks_names():
 
 def test_multi_seed_cli_run_with_curves(capsys, tmp_path):
     args = ["demo", "--task", "digits", "--epochs", "2", "--seeds", "2", "--optimizers", "adam,plasls", "--no-progress"]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seeds (0, 1)" in out and "\nadam " in out and "\nplasls " in out
     results, _ = demo.run_digits(("plasls",), epochs=2, seeds=(0,), progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -123,9 +124,11 @@ def run_digits(
     progress: bool = True,
     sweep_lrs: tuple[float, ...] = SWEEP_LRS,
     evaluations: int | None = None,
+    out: str | Path | None = None,
 ) -> tuple[list[compare.RunResult], str]:
     """Every optimizer on every seed (each seed draws its own split, initial weights and batch order); returns the
-    results and the table (mean ± standard deviation over seeds). ``evaluations`` defaults to one per epoch."""
+    results and the table (mean ± standard deviation over seeds). ``evaluations`` defaults to one per epoch.
+    ``out``: also write ``table.txt`` and ``demo.png`` there."""
     evaluations = epochs if evaluations is None else evaluations
     datasets = {}
 
@@ -134,4 +137,14 @@ def run_digits(
         return train(name, factory, data, epochs, batch_size, seed, progress, evaluations=evaluations)
 
     results, _, notes = compare.run(trainer, optimizers, seeds, sweep_lrs)
-    return results, compare.format_table(compare.aggregate(results, notes))
+    table = compare.format_table(compare.aggregate(results, notes))
+    if out is not None:
+        setting = (
+            f"digits MLP, {epochs} epochs, batch {batch_size}, seeds {', '.join(map(str, seeds))}; "
+            "mean ± standard deviation over seeds"
+        )
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.txt").write_text(setting + "\n" + table + "\n")
+        compare.plot(results, out / "demo.png", setting)
+    return results, table
