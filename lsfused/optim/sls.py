@@ -400,8 +400,8 @@ class PLASLS(AdamSLS):
             moving component's step size by the accepted ``tau``. Costs one closure call per step when the update
             passes. Not in the paper: Eq. 6 tests one component with the others at ``w0``, so a step size that
             passes alone is never revisited even when the sum of all components' steps raises the loss (with the
-            paper-text settings, PLASLS without it stayed at chance on MiniLM-L6; at the defaults it is not needed
-            there, ``benchmarks/results/defaults.md``). A failed check keeps
+            paper-text settings, PLASLS without it stayed at chance on MiniLM-L6; at the defaults it did not pay for
+            its extra closure call, ``benchmarks/results/defaults.md``). A failed check keeps
             ``w0`` (``on_failure="last"``: the last joint trial) and still shrinks the step sizes (outcome
             ``"failed"``, reason ``"joint"``); one that cannot be judged keeps ``w0`` and shrinks them only by the
             rejections before it.
