@@ -8,7 +8,7 @@ import torch
 
 import lsfused
 from lsfused import _ops, bench
-from lsfused.baselines import PaperStyleAdamSLS
+from lsfused.apps.baselines import PaperStyleAdamSLS
 from lsfused.reference import MODE_ADAM
 
 pytestmark = pytest.mark.benchmark

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lsfused import demo, diagnostics
+from lsfused import diagnostics
+from lsfused.apps import demo
 
 OUT = Path(__file__).parent / "numerics"
 EPOCHS = 300

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lsfused
-from lsfused import demo
+from lsfused.apps import demo
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 
 import lsfused
 from lsfused import _ops
-from lsfused.baselines import PaperStyleAdamSLS
+from lsfused.apps.baselines import PaperStyleAdamSLS
 from lsfused.reference import MODE_ADAM
 
 CSV_FIELDS = [

@@ -9,34 +9,50 @@ import sys
 
 def _demo(args: argparse.Namespace) -> int:
     optimizers = tuple(o.strip().lower() for o in args.optimizers.split(",") if o.strip())
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = tuple(range(args.seed, args.seed + args.seeds))
+    sweep = tuple(float(x) for x in args.sweep_lrs.split(",")) if args.sweep_lrs else None
     if args.task == "digits":
-        from lsfused import demo
+        from lsfused.apps import demo
 
-        results = demo.run_digits(
-            optimizers, epochs=args.epochs or 15, batch_size=args.batch_size or 64, seed=args.seed
+        epochs, batch = args.epochs or 15, args.batch_size or 64
+        out = args.out or "lsfused_out/demo-digits"
+        _, table = demo.run_digits(
+            optimizers, epochs, batch, seeds, not args.no_progress, sweep or demo.SWEEP_LRS, out=out
         )
-        setting = f"{args.epochs or 15} epochs, batch {args.batch_size or 64}, seed {args.seed}"
-        print(f"\ndigits (scikit-learn, 8x8 images, 10 classes), {setting}")
-        print(demo.format_table(results))
-        return 0
-    from lsfused import finetune
+        print(f"\ndigits (scikit-learn, 8x8 images, 10 classes), {epochs} epochs, batch {batch}, seeds {seeds}")
+        print(table)
+        print(f"wrote {out}/table.txt and {out}/demo.png")
+    else:
+        from lsfused.apps import finetune
 
-    _, table = finetune.run(
-        optimizers,
-        epochs=args.epochs or 5,
-        seed=args.seed,
-        out=args.out,
-        data_csv=args.data,
-        quick=args.quick,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        batch_size=args.batch_size or 32,
-        max_length=args.max_length,
-        progress=not args.no_progress,
-    )
-    print()
-    print(table)
-    print(f"wrote {args.out}/table.txt and {args.out}/demo.png")
+        out = args.out or "lsfused_out/demo"
+        _, table = finetune.run(
+            optimizers,
+            epochs=args.epochs or 5,
+            seeds=seeds,
+            out=out,
+            data_csv=args.data,
+            quick=args.quick,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            batch_size=args.batch_size or 32,
+            max_length=args.max_length,
+            progress=not args.no_progress,
+            sweep_lrs=sweep or finetune.SWEEP_LRS,
+            resume=args.resume,
+        )
+        print()
+        print(table)
+        print(f"wrote {out}/table.txt and {out}/demo.png")
+    if args.seeds < 3:
+        cost = "a minute" if args.task == "digits" else "about 20 minutes on 2 CPU cores"
+        print(
+            f"{args.seeds} seed{'s' if args.seeds > 1 else ''}: differences between optimizers may be within what "
+            f"another seed moves; the full comparison ({cost}) is "
+            f"`lsfused demo{' --task digits' if args.task == 'digits' else ''} --seeds 3`"
+        )
     return 0
 
 
@@ -87,25 +103,32 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lsfused.apps import registry
+
     parser = argparse.ArgumentParser(prog="lsfused", description="Fused stochastic line-search optimizers")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train a network with Adam and the line-search optimizers, side by side")
     p.add_argument("--task", choices=["text", "digits"], default="text", help="text: MiniLM fine-tuning (default)")
     p.add_argument(
         "--optimizers",
-        default="adam,adamsls,plasls,salsa",
-        help="comma-separated: adam, adamsls, plasls, salsa, sgdsls",
+        default="adam,adam-tuned,adamsls,plasls,salsa",
+        help=f"comma-separated, from: {', '.join(registry.names())} (adam-tuned: the best lr of a sweep)",
     )
     p.add_argument("--epochs", type=int, help="default 5 (text) or 15 (digits)")
     p.add_argument("--batch-size", type=int, help="default 32 (text) or 64 (digits)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and spread over them); default 1")
+    p.add_argument(
+        "--sweep-lrs", help="adam-tuned: comma-separated lrs (text: 3e-5,1e-4,3e-4; digits: 3e-4,1e-3,3e-3,1e-2)"
+    )
     p.add_argument("--quick", action="store_true", help="text: 160 examples, 2 epochs, short sequences (~3 min)")
     p.add_argument("--data", help="text: your own CSV with text,label columns")
     p.add_argument("--n-train", type=int, default=500, help="text: training examples (WordNet)")
     p.add_argument("--n-test", type=int, default=400, help="text: test examples (WordNet)")
     p.add_argument("--max-length", type=int, default=48, help="text: tokens per example")
-    p.add_argument("--out", default="lsfused_out/demo", help="text: where table.txt and demo.png go")
+    p.add_argument("--out", help="where table.txt and demo.png go (lsfused_out/demo, digits: lsfused_out/demo-digits)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="text: keep the runs already in OUT/runs.jsonl")
     p.set_defaults(func=_demo)
     d = sub.add_parser("diagnose", help="record every line-search decision of a short training and report precision")
     d.add_argument("--optimizer", default="plasls", help="plasls (one component per tensor), adamsls, sgdsls, salsa")

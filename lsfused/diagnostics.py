@@ -307,7 +307,7 @@ def _script_setup(path: str):
 def _digits_setup(model_name: str, seed: int):
     from torch import nn
 
-    from lsfused import demo
+    from lsfused.apps import demo
 
     xtr, ytr, _, _ = demo.load_digits(seed)
     if model_name == "linear":

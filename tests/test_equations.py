@@ -282,9 +282,11 @@ class ReferenceSaLSa:
         speed_up: bool = True,
         weight_decay: float = 0.0,
         eps: float = 1e-8,
+        bias_correction: str = "standard",
     ):
         self.w = [p.detach().clone() for p in params]
         self.moments = AdamMoments(self.w, betas, eps)
+        self.k_offset = 1 if bias_correction == "authors" else 0  # the authors scale step k by 1 - b**(k+1)
         self.eta = float(init_step_size)
         self.c, self.a, self.growth, self.shrink = c, smoothing, growth, shrink
         self.max_backtracks, self.use_momentum_direction = max_backtracks, use_momentum_direction
@@ -298,7 +300,7 @@ class ReferenceSaLSa:
         self.k += 1
         a = self.a
         f0, grads = loss_and_grad(loss_fn, self.w)
-        dirs = self.moments.update(grads, self.k)
+        dirs = self.moments.update(grads, self.k + self.k_offset)
         w0 = [p * (1.0 - self.weight_decay * self.eta) for p in self.w]  # decoupled weight decay, eta_prev
         eta0 = self.growth * self.eta
         self.since_search += 1
@@ -379,6 +381,7 @@ def sgd_case(name: str, n_steps: int = 32, expect: tuple[str, ...] = (), resync:
 
 
 def adam_case(name: str, n_steps: int = 32, expect: tuple[str, ...] = (), resync: bool = True, **kw) -> Case:
+    kw = {"betas": (0.0, 0.999), **kw}  # the paper's b1 = 0 unless a case says otherwise
     return Case(
         name,
         lambda m: lsfused.AdamSLS(m.parameters(), deterministic_closure=False, **kw),
@@ -390,7 +393,8 @@ def adam_case(name: str, n_steps: int = 32, expect: tuple[str, ...] = (), resync
 
 
 def plasls_case(name: str, n_steps: int = 32, expect: tuple[str, ...] = (), resync: bool = True, **kw) -> Case:
-    defaults = {"init_step_size": 0.1, "full_search_steps": 1, "merge_threshold": 1e-12}
+    defaults = {"init_step_size": 0.1, "merge_threshold": 1e-12}
+    kw = {"betas": (0.0, 0.999), "full_search_steps": 1, **kw}  # the paper's text unless a case says otherwise
     return Case(
         name,
         lambda m: lsfused.PLASLS(three_components(m), deterministic_closure=False, **kw),
@@ -465,6 +469,8 @@ CASES = [
     salsa_case("salsa_weight_decay_speed_up", n_steps=100, expect=("skipped",), weight_decay=0.01, init_step_size=2.0),
     salsa_case("salsa_momentum_direction", use_momentum_direction=True, speed_up=False, init_step_size=2.0),
     salsa_case("salsa_classic", speed_up=False, init_step_size=2.0, armijo="classic"),
+    salsa_case("salsa_authors_bias_correction", n_steps=100, expect=("skipped",), bias_correction="authors"),
+    salsa_case("salsa_authors_bias_correction_momentum", use_momentum_direction=True, bias_correction="authors"),
     salsa_case("salsa_failures", expect=("failed",), speed_up=False, init_step_size=50.0, max_backtracks=3),
 ]
 
@@ -667,7 +673,9 @@ def test_plasls_zero_gradient_component_does_not_stop_the_others():
     def closure() -> Tensor:
         return (a * a).sum() + 0.0 * unused.sum()
 
-    opt = lsfused.PLASLS([[a], [unused]], init_step_size=0.1, gamma=1.0, deterministic_closure=False)
+    opt = lsfused.PLASLS(
+        [[a], [unused]], init_step_size=0.1, gamma=1.0, deterministic_closure=False, full_search_steps=1
+    )
     opt.step(closure)  # full search
     opt.step(closure)  # component 0
     before = a.detach().clone()
@@ -675,3 +683,8 @@ def test_plasls_zero_gradient_component_does_not_stop_the_others():
     assert opt.last_step.searched == (1,)
     # Eq. 7: component 0 still takes its step w0 - 0.1*g/denom.
     assert not torch.equal(a.detach(), before)
+
+
+def test_salsa_bias_correction_must_be_known():
+    with pytest.raises(ValueError, match="bias_correction"):
+        lsfused.SaLSa([nn.Parameter(torch.zeros(2))], bias_correction="theirs")

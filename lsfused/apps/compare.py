@@ -1,0 +1,261 @@
+"""Comparing optimizers over seeds: run records, mean and spread per optimizer, the tuned-Adam sweep, the table and
+the figure shared by both demos."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import lsfused
+from lsfused.apps.registry import OPTIMIZERS, TUNED_ADAM, Context, Factory, adam
+
+
+@dataclass
+class RunResult:
+    """One training run of one optimizer on one seed.
+
+    ``forwards`` counts closure calls (forward passes: the gradient's and every trial's), ``backwards`` backward
+    passes; ``wall_s`` is the training time without the evaluations; ``curve`` holds ``(wall_s, forwards, test
+    accuracy)`` at every evaluation (the first before training).
+    """
+
+    name: str
+    seed: int
+    initial_train_loss: float
+    train_loss: float
+    test_accuracy: float
+    steps: int
+    forwards: int
+    backwards: int
+    wall_s: float
+    optimizer_share: float | None = None
+    losses: list[float] = field(default_factory=list)
+    step_sizes: list[list[float]] = field(default_factory=list)
+    curve: list[tuple[float, int, float]] = field(default_factory=list)
+    lr: float | None = None
+
+    @property
+    def closure_calls_per_step(self) -> float:
+        return self.forwards / max(1, self.steps)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scheduler, closure) -> tuple[float, int, list[float]]:
+    """One step of either kind of optimizer: (loss at the start, forward passes, step sizes or learning rates)."""
+    if isinstance(opt, lsfused.LineSearchOptimizer):
+        loss = opt.step(closure)
+        rec = opt.last_step
+        return float(loss), rec.closure_calls, list(rec.step_sizes)
+    opt.zero_grad()
+    loss = closure()
+    loss.backward()
+    opt.step()
+    sizes = [group["lr"] for group in opt.param_groups]
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach()), 1, sizes
+
+
+@dataclass
+class Row:
+    """Mean and sample standard deviation (0 for one seed) over the seeds of one optimizer."""
+
+    name: str
+    seeds: int
+    train_loss: tuple[float, float]
+    test_accuracy: tuple[float, float]
+    calls_per_step: tuple[float, float]
+    wall_s: tuple[float, float]
+    optimizer_share: tuple[float, float] | None
+    note: str = ""
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(results: Sequence[RunResult], notes: dict[str, str] | None = None) -> list[Row]:
+    """One row per optimizer name (in first-seen order): mean and spread over its runs."""
+    by_name: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r)
+    rows = []
+    for name, runs in by_name.items():
+        share = None
+        if all(r.optimizer_share is not None for r in runs):
+            share = _mean_sd([r.optimizer_share for r in runs])
+        rows.append(
+            Row(
+                name,
+                len(runs),
+                _mean_sd([r.train_loss for r in runs]),
+                _mean_sd([r.test_accuracy for r in runs]),
+                _mean_sd([r.closure_calls_per_step for r in runs]),
+                _mean_sd([r.wall_s for r in runs]),
+                share,
+                (notes or {}).get(name, ""),
+            )
+        )
+    return rows
+
+
+def select_lr(sweep: dict[float, Sequence[RunResult]]) -> float:
+    """The learning rate whose runs end at the lowest mean training loss (non-finite losses lose; ties: smaller lr)."""
+    if not sweep:
+        raise ValueError("the learning-rate sweep is empty")
+
+    def key(lr: float) -> tuple[float, float]:
+        loss = statistics.fmean(r.train_loss for r in sweep[lr])
+        return (loss if math.isfinite(loss) else math.inf, lr)
+
+    return min(sweep, key=key)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Mean ± sample standard deviation over seeds; the optimizer's share of the time when every row has it."""
+    share = all(r.optimizer_share is not None for r in rows)
+    width = max([len(r.name) for r in rows] + [9])
+    header = f"{'optimizer':<{width}} {'seeds':>5} {'train loss':>17} {'test acc':>17} {'calls/step':>10}"
+    header += f" {'wall s':>13}"
+    header += f" {'opt. share':>10}" if share else ""
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = (
+            f"{r.name:<{width}} {r.seeds:>5} {r.train_loss[0]:>8.4f} ± {r.train_loss[1]:<6.4f} "
+            f"{r.test_accuracy[0]:>8.4f} ± {r.test_accuracy[1]:<6.4f} {r.calls_per_step[0]:>10.2f} "
+            f"{r.wall_s[0]:>6.1f} ± {r.wall_s[1]:<4.1f}"
+        )
+        line += f" {r.optimizer_share[0]:>10.1%}" if share else ""
+        lines.append(line + (f"  {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+Trainer = Callable[[str, Factory, int], RunResult]
+"""``trainer(name, factory, seed)`` trains one run; the factory receives the task's :class:`Context`."""
+
+
+def load_runs(path: Path) -> dict[tuple[str, int], RunResult]:
+    """Runs recorded by :func:`run` (one JSON object per line), by (name, seed)."""
+    runs = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = RunResult(**json.loads(line))
+            r.curve = [tuple(c) for c in r.curve]
+            runs[(r.name, r.seed)] = r
+    return runs
+
+
+def run(
+    trainer: Trainer,
+    optimizers: Sequence[str],
+    seeds: Sequence[int],
+    sweep_lrs: Sequence[float],
+    record: Path | None = None,
+) -> tuple[list[RunResult], dict[float, list[RunResult]], dict[str, str]]:
+    """Every optimizer on every seed; ``"adam-tuned"``: ``adam`` at each of ``sweep_lrs`` on the first seed, the
+    lowest final training loss wins (:func:`select_lr`) and runs on the other seeds. Returns the results, the sweep
+    and a note per row (the tuned lr and the sweep's cost in forward and backward passes).
+
+    ``record``: a JSON-lines file every finished run is appended to; runs already in it (same name and seed) are
+    read back instead of trained again, so a long comparison can be stopped and resumed."""
+    for name in optimizers:
+        if name not in OPTIMIZERS and name != TUNED_ADAM:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join((*OPTIMIZERS, TUNED_ADAM))}")
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    if TUNED_ADAM in optimizers and not sweep_lrs:
+        raise ValueError("adam-tuned needs learning rates to sweep")
+
+    def train(name: str, factory: Factory, seed: int) -> RunResult:
+        # Read before every run: another process may be filling the same record.
+        done = load_runs(record) if record is not None and Path(record).exists() else {}
+        if (name, seed) in done:
+            return done[(name, seed)]
+        result = trainer(name, factory, seed)
+        if record is not None:
+            with Path(record).open("a") as f:
+                f.write(json.dumps(result.__dict__) + "\n")
+        return result
+
+    results: list[RunResult] = []
+    sweep: dict[float, list[RunResult]] = {}
+    notes: dict[str, str] = {}
+    for name in optimizers:
+        if name != TUNED_ADAM:
+            results += [train(name, OPTIMIZERS[name], seed) for seed in seeds]
+            continue
+        for lr in sweep_lrs:
+            sweep[lr] = [train(f"adam lr {lr:g}", _adam_at(lr), seeds[0])]
+        best = select_lr(sweep)
+        cost_f = sum(r.forwards for runs in sweep.values() for r in runs)
+        cost_b = sum(r.backwards for runs in sweep.values() for r in runs)
+        first = sweep[best][0]
+        runs = [RunResult(**{**first.__dict__, "name": name, "lr": best})]
+        runs += [train(name, _adam_at(best), seed) for seed in seeds[1:]]
+        results += runs
+        notes[name] = (
+            f"lr {best:g}, best of {', '.join(f'{lr:g}' for lr in sweep_lrs)} on seed {seeds[0]}'s training loss; "
+            f"sweep cost {cost_f} forward + {cost_b} backward passes"
+        )
+    return results, sweep, notes
+
+
+def _adam_at(lr: float) -> Factory:
+    def factory(model, ctx: Context):
+        return adam(model, ctx, lr)
+
+    return factory
+
+
+def plot(results: Sequence[RunResult], path: Path, title: str) -> Path:
+    """Four panels: training loss (mean over seeds), step sizes (first seed; PLASLS per component, dotted), test
+    accuracy against training wall time and against forward passes (mean over seeds at each evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (ax_loss, ax_eta), (ax_time, ax_fwd) = axes
+    by_name: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(by_name.items()):
+        color = cycle[i % len(cycle)]
+        n = min(len(r.losses) for r in runs)
+        mean = [statistics.fmean(r.losses[k] for r in runs) for k in range(n)]
+        window = 8
+        smooth = [statistics.fmean(mean[max(0, k - window + 1) : k + 1]) for k in range(n)]
+        ax_loss.plot(smooth, color=color, label=f"{name} ({len(runs)} seeds)")
+        first = runs[0]
+        n_comp = len(first.step_sizes[0]) if first.step_sizes else 0
+        for c in range(n_comp):
+            ax_eta.plot([s[c] for s in first.step_sizes], color=color, lw=1.5 if c == 0 else 0.8,
+                        ls="-" if c == 0 else ":", label=(name if n_comp == 1 else f"{name} ({n_comp} components)")
+                        if c == 0 else None)  # fmt: skip
+        points = min(len(r.curve) for r in runs)
+        if points:
+            wall = [statistics.fmean(r.curve[k][0] for r in runs) for k in range(points)]
+            fwd = [statistics.fmean(r.curve[k][1] for r in runs) for k in range(points)]
+            acc = [statistics.fmean(r.curve[k][2] for r in runs) for k in range(points)]
+            ax_time.plot(wall, acc, marker="o", ms=3, color=color, label=name)
+            ax_fwd.plot(fwd, acc, marker="o", ms=3, color=color, label=name)
+    ax_loss.set(xlabel="step", ylabel="training loss (batch, mean over seeds, moving average of 8)")
+    ax_eta.set(xlabel="step", ylabel="step size / learning rate (first seed)", yscale="log")
+    ax_time.set(xlabel="training wall time, s (evaluations excluded)", ylabel="test accuracy (mean over seeds)")
+    ax_fwd.set(xlabel="forward passes (closure calls)", ylabel="test accuracy (mean over seeds)")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
