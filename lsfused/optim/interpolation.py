@@ -135,4 +135,4 @@ def validate(group: dict) -> None:
         return
     number = isinstance(init, (int, float)) and not isinstance(init, bool)
     if not (number and math.isfinite(init) and init > 0):
-        raise ValueError(f"init_step_size must be a positive finite number or 'auto', got {init!r}")
+        raise ValueError(f"init_step_size must be a positive finite number, got {init!r} (or 'auto')")
