@@ -264,7 +264,8 @@ def test_bad_options_are_refused(cls):
     w = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="backtracking must be one of"):
         cls([w], backtracking="cubic")
-    with pytest.raises(ValueError, match=r"init_step_size must be a positive finite number, got 'automatic' \(or 'auto'\)"):
+    message = r"init_step_size must be a positive finite number, got 'automatic' \(or 'auto'\)"
+    with pytest.raises(ValueError, match=message):
         cls([w], init_step_size="automatic")
     with pytest.raises(ValueError, match="init_step_size"):
         cls([w], init_step_size=-1.0)
