@@ -74,8 +74,9 @@ def _diagnose(args: argparse.Namespace) -> int:
             script=args.script,
             seed=args.seed,
             record_path=out / "diagnostics.jsonl",
+            backtracking=args.backtracking,
         ).rows
-        title = f"{args.optimizer}, armijo={args.armijo}, {args.epochs} epochs"
+        title = f"{args.optimizer}, armijo={args.armijo}, backtracking={args.backtracking}, {args.epochs} epochs"
     print(diagnostics.report(rows, out, title))
     print(f"wrote {out / 'diagnostics.png'} and {out / 'summary.txt'}")
     return 0
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("diagnose", help="record every line-search decision of a short training and report precision")
     d.add_argument("--optimizer", default="plasls", help="plasls (one component per tensor), adamsls, sgdsls, salsa")
     d.add_argument("--armijo", choices=["noise_aware", "classic"], default="noise_aware")
+    d.add_argument("--backtracking", choices=["geometric", "interpolate"], default="geometric")
     d.add_argument("--epochs", type=int, default=5)
     d.add_argument("--model", choices=["mlp", "linear"], default="mlp", help="the digits model (default data)")
     d.add_argument("--script", help="a Python file defining setup() -> (model, batches, loss_fn)")

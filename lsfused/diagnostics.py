@@ -3,7 +3,8 @@
 Attach a :class:`Recorder` to any lsfused optimizer; while attached, every step records per trial the step size,
 the losses, the predicted decrease, the rounding bound of the loss difference, the decision margin
 ``(f(w0) - c*eta*s - f(trial)) / bound`` (in units of the noise floor: ``|margin| <= 1`` means rounding decided) and
-the fraction of the update absorbed by rounding; per step and param group the float64 decision sums and how far a
+the fraction of the update absorbed by rounding and the rule that produced the trial's step size (see
+:data:`RULES`); per step and param group the float64 decision sums and how far a
 float32 summation of the same terms would be from them, in float32 ulps. Off (not attached) it costs nothing.
 """
 
@@ -20,6 +21,11 @@ import torch
 from lsfused.reference import MODE_SGD, NORM_COLUMNS
 
 _FP32_COLUMNS = ("s", "gg", "gd", "dd")
+#: where a trial's step size came from: the first step's init_step_size, the init_step_size="auto" bound, the previous
+#: step size grown (Eq. 2 / SaLSa's growth), the PLASLS joint check's tau = 1, eta*beta_b (or SaLSa's shrink), the
+#: quadratic or cubic interpolation's minimiser, or its safeguard (clamped to [0.1, 0.5] times the last step, or the
+#: model could not be used). See lsfused.optim.interpolation.
+RULES = ("init", "auto", "grow", "joint", "geometric", "quadratic", "cubic", "safeguard")
 
 
 def _ulp32(x: float) -> float:
@@ -81,10 +87,20 @@ class Recorder:
         }
 
     def trial(
-        self, opt, f0: float, ft: float, eta: float, predicted: float, accepted: bool, groups, direction, scale=None
+        self,
+        opt,
+        f0: float,
+        ft: float,
+        eta: float,
+        predicted: float,
+        accepted: bool,
+        groups,
+        direction,
+        scale=None,
+        rule: str | None = None,
     ) -> None:
         """One trial. ``scale`` (PLASLS joint check): per-group step sizes that ``eta`` multiplies; then ``eta`` is
-        that factor and is recorded as ``tau``."""
+        that factor and is recorded as ``tau``. ``rule``: which of :data:`RULES` produced ``eta``."""
         bound = opt.rounding_bound(f0, ft)
         margin = (f0 - predicted - ft) / bound if math.isfinite(ft) and bound > 0 else None
         self._current["trials"].append(
@@ -98,6 +114,7 @@ class Recorder:
                 "accepted": accepted,
                 "absorbed": opt.absorbed_fraction(groups, direction),
                 "groups": list(groups),
+                "rule": rule,
             }
         )
 
@@ -145,7 +162,7 @@ class Recorder:
     def save(self, path: str | Path) -> Path:
         """Write all rows as JSON lines: per step ``step, loss, loss_dtype, noise, outcome, reason, step_sizes,
         searched, closure_calls, merged, components, groups[{sums, fp32_ulps}], trials[{eta, loss, predicted,
-        bound, margin, accepted, absorbed, groups}]``. Non-finite numbers are stored as null."""
+        bound, margin, accepted, absorbed, groups, rule}]``. Non-finite numbers are stored as null."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
@@ -197,10 +214,20 @@ def summarize(rows: list[dict[str, Any]], collapse_below: float = 1e-12, collaps
     outcomes: dict[str, int] = {}
     for r in rows:
         outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+    rules: dict[str, dict[str, int]] = {}  # rule -> {"trials": n, "accepted": n}
+    for t in trials:
+        entry = rules.setdefault(str(t.get("rule")), {"trials": 0, "accepted": 0})
+        entry["trials"] += 1
+        entry["accepted"] += bool(t["accepted"])
     return {
         "steps": len(rows),
         "trials": len(trials),
         "outcomes": outcomes,
+        "rules": rules,
+        # rows recorded before these fields existed lack them: None / rule "None"
+        "closure_calls_per_step": (
+            sum(r["closure_calls"] for r in rows) / len(rows) if all("closure_calls" in r for r in rows) else None
+        ),
         "collapses": collapses,
         "trials_within_noise_floor": len(within),
         "accepted_within_noise_floor": sum(t["accepted"] for t in within),
@@ -214,6 +241,9 @@ def summarize(rows: list[dict[str, Any]], collapse_below: float = 1e-12, collaps
 def format_summary(summary: dict) -> str:
     lines = [
         f"steps: {summary['steps']}, trials: {summary['trials']}, outcomes: {summary['outcomes']}",
+        f"closure calls per step: {summary['closure_calls_per_step'] or float('nan'):.2f}",
+        "trials by the rule that chose their step size (accepted/tried): "
+        + ", ".join(f"{rule} {e['accepted']}/{e['trials']}" for rule, e in summary["rules"].items()),
         f"trials decided within the noise floor (|margin| <= 1): {summary['trials_within_noise_floor']} "
         f"({summary['accepted_within_noise_floor']} of them accepted)",
         f"trials whose update was fully absorbed by rounding: {summary['fully_absorbed_trials']}",
@@ -321,17 +351,17 @@ def _digits_setup(model_name: str, seed: int):
     return model, batches, nn.CrossEntropyLoss()
 
 
-def make_optimizer(name: str, model, armijo: str):
+def make_optimizer(name: str, model, armijo: str, backtracking: str = "geometric"):
     import lsfused
 
     params = list(model.parameters())
     if name == "plasls":
         # one component per parameter tensor: the finest split, where collapses show first
-        return lsfused.PLASLS([[p] for p in params], armijo=armijo)
+        return lsfused.PLASLS([[p] for p in params], armijo=armijo, backtracking=backtracking)
     classes = {"adamsls": lsfused.AdamSLS, "sgdsls": lsfused.SGDSLS, "salsa": lsfused.SaLSa}
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}; choose from plasls, adamsls, sgdsls, salsa")
-    return classes[name](params, armijo=armijo)
+    return classes[name](params, armijo=armijo, backtracking=backtracking)
 
 
 @dataclass
@@ -355,13 +385,14 @@ def run(
     record_path: str | Path | None = None,
     progress: bool = True,
     stop_at_first: str | None = None,
+    backtracking: str = "geometric",
 ) -> DiagnoseRun:
     """Train with a recorder attached (the digits demo's data by default, fixed batch order).
 
     ``stop_at_first``: stop right after the first step with this outcome (e.g. ``"failed"``), to inspect it.
     """
     net, batches, loss_fn = _script_setup(script) if script else _digits_setup(model, seed)
-    opt = make_optimizer(optimizer, net, armijo)
+    opt = make_optimizer(optimizer, net, armijo, backtracking)
     recorder = Recorder(opt, record_path)
     bar = None
     if progress:

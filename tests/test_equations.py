@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,40 @@ class AdamMoments:
         return AdamDirections(d, dm, s, s_mom)
 
 
+class RefBacktracking:
+    """The next step size after a rejected trial, from the docstrings of ``backtracking`` and
+    ``lsfused.optim.interpolation`` (Nocedal & Wright 3.5), written with numpy's linear algebra instead of the closed
+    forms: fit ``phi(x) = f0 + slope*x + B x^2 (+ A x^3)`` through the last one (two) finite rejected trials by
+    solving the linear system, take the real root of ``phi'`` where ``phi'' > 0``, clamp it to ``[0.1, 0.5]`` times
+    the last step; ``0.5`` times it when there is no such root or the slope is not negative, ``0.1`` times it after a
+    non-finite loss. ``"geometric"``: ``eta * shrink``."""
+
+    def __init__(self, rule: str, f0: float, slope: float, shrink: float):
+        self.rule, self.f0, self.slope, self.shrink = rule, f0, slope, shrink
+        self.finite: list[tuple[float, float]] = []
+
+    def _minimiser(self) -> float | None:
+        if not (math.isfinite(self.slope) and self.slope < 0.0):
+            return None
+        pts = self.finite[-2:]
+        rows = [[a**2, a**3][: len(pts)] for a, _ in pts]
+        rhs = [fa - self.f0 - self.slope * a for a, fa in pts]
+        coef = np.linalg.solve(np.array(rows), np.array(rhs))  # [B] or [B, A]
+        B, A = coef[0], (coef[1] if len(coef) > 1 else 0.0)
+        roots = np.roots([3.0 * A, 2.0 * B, self.slope]) if A != 0.0 else np.array([-self.slope / (2.0 * B)])
+        good = [r.real for r in roots if abs(r.imag) == 0.0 and r.real > 0.0 and 6.0 * A * r.real + 2.0 * B > 0.0]
+        return good[0] if good else None
+
+    def next(self, eta: float, ft: float) -> float:
+        if self.rule == "geometric":
+            return eta * self.shrink
+        if not math.isfinite(ft):
+            return 0.1 * eta
+        self.finite.append((eta, ft))
+        x = self._minimiser()
+        return 0.5 * eta if x is None else min(max(x, 0.1 * eta), 0.5 * eta)
+
+
 def sgd_directions(grads: list[Tensor]) -> AdamDirections:
     s = [float((g * g).sum()) for g in grads]
     d = [-g for g in grads]
@@ -169,8 +204,10 @@ class ReferenceArmijoSLS:
         eps: float = 1e-8,
         full_search_steps: int | None = None,
         merge_threshold: float = 0.0,
+        backtracking: str = "geometric",
     ):
         self.w = [p.detach().clone() for p in params]
+        self.backtracking = backtracking
         self.groups = groups
         self.components = [[i] for i in range(len(groups))]
         self.cursor = 0
@@ -217,6 +254,9 @@ class ReferenceArmijoSLS:
             merged = self._merge()
             return RefRecord(f0, "skipped", 0, tuple(self.eta), tuple(searched), merged)
         eta = self.eta[searched[0]]
+        # the slope along d: g·d, summed over the searched parameters
+        slope = math.fsum(float((grads[pi] * dirs.d[pi]).sum()) for gi in searched for pi in self.groups[gi])
+        rule = RefBacktracking(self.backtracking, f0, slope, self.beta_b)
         outcome, trial = "failed", w0
         for t in range(1, self.max_backtracks + 1):
             trial = self._moved(w0, dirs.d, dict.fromkeys(searched, eta))
@@ -225,7 +265,7 @@ class ReferenceArmijoSLS:
                 outcome = "accepted"
                 break
             if t < self.max_backtracks:
-                eta *= self.beta_b
+                eta = rule.next(eta, ft)
         trials = t
         for gi in searched:
             self.eta[gi] = eta
@@ -283,8 +323,10 @@ class ReferenceSaLSa:
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         bias_correction: str = "standard",
+        backtracking: str = "geometric",
     ):
         self.w = [p.detach().clone() for p in params]
+        self.backtracking = backtracking
         self.moments = AdamMoments(self.w, betas, eps)
         self.k_offset = 1 if bias_correction == "authors" else 0  # the authors scale step k by 1 - b**(k+1)
         self.eta = float(init_step_size)
@@ -316,6 +358,8 @@ class ReferenceSaLSa:
             self.w = axpy(w0, eta0, dirs.dm)  # Adam's step, stored step size unchanged
             return RefRecord(f0, "skipped", 0, (self.eta,))
         direction = dirs.dm if self.use_momentum_direction else dirs.d
+        slope = math.fsum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
+        rule = RefBacktracking(self.backtracking, f0, slope, self.shrink)
         eta, outcome = eta0, "failed"
         for t in range(1, self.max_backtracks + 1):
             self.w = axpy(w0, eta, direction)  # the last trial is kept, accepted or not
@@ -331,7 +375,7 @@ class ReferenceSaLSa:
                     outcome = "accepted"
                     break
             if t < self.max_backtracks:
-                eta *= self.shrink
+                eta = rule.next(eta, ft)
         self.eta = eta if outcome == "accepted" else eta * self.shrink
         self.fast = 0.9 * self.fast + 0.1 * self.eta
         self.slow = 0.99 * self.slow + 0.01 * self.eta
@@ -472,6 +516,33 @@ CASES = [
     salsa_case("salsa_authors_bias_correction", n_steps=100, expect=("skipped",), bias_correction="authors"),
     salsa_case("salsa_authors_bias_correction_momentum", use_momentum_direction=True, bias_correction="authors"),
     salsa_case("salsa_failures", expect=("failed",), speed_up=False, init_step_size=50.0, max_backtracks=3),
+    # backtracking="interpolate": the reference fits its models with numpy (see RefBacktracking).
+    sgd_case("sgdsls_interpolate", init_step_size=20.0, backtracking="interpolate"),
+    sgd_case(
+        "sgdsls_interpolate_failures",
+        expect=("failed",),
+        init_step_size=1e3,
+        max_backtracks=3,
+        n_batches_per_epoch=2,
+        backtracking="interpolate",
+    ),
+    adam_case("adamsls_interpolate", n_steps=48, init_step_size=2.0, backtracking="interpolate"),
+    adam_case(
+        "adamsls_interpolate_momentum",
+        init_step_size=1.0,
+        betas=(0.9, 0.999),
+        n_batches_per_epoch=10,
+        backtracking="interpolate",
+    ),
+    plasls_case("plasls_interpolate", init_step_size=1.0, n_batches_per_epoch=10, backtracking="interpolate"),
+    salsa_case("salsa_interpolate", speed_up=False, init_step_size=2.0, backtracking="interpolate"),
+    salsa_case(
+        "salsa_interpolate_momentum_direction",
+        use_momentum_direction=True,
+        speed_up=False,
+        init_step_size=2.0,
+        backtracking="interpolate",
+    ),
 ]
 
 

@@ -93,3 +93,8 @@ register("adamsls-b0", lambda model, ctx: (lsfused.AdamSLS(model.parameters(), b
 register("plasls-paper", _plasls(betas=(0.0, 0.999), full_search_steps=1))
 register("plasls-joint", _plasls(joint_check=True))
 register("plasls-authors", _plasls_authors)
+# Interpolating backtracking (issue 16; docs/backtracking.md): same optimizers, fewer closure calls per step.
+register(
+    "adamsls-interpolate", lambda model, ctx: (lsfused.AdamSLS(model.parameters(), backtracking="interpolate"), None)
+)
+register("salsa-interpolate", lambda model, ctx: (lsfused.SaLSa(model.parameters(), backtracking="interpolate"), None))

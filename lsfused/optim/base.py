@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket, is_sharded
+from lsfused.optim.interpolation import Interpolator
 from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
@@ -235,7 +236,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._seed = int(torch.initial_seed()) % (2**62)
         self.last_step: StepRecord | None = None
         for group in self.param_groups:
-            group.setdefault("step_size", float(group["init_step_size"]))
+            # init_step_size="auto": 0.0 until the first search chooses it (see _auto_start)
+            group.setdefault("step_size", 0.0 if group["init_step_size"] == "auto" else float(group["init_step_size"]))
         self._ops = resolve_backend(backend, self.param_groups[0]["params"][0].device)
         self.backend = self._ops.name
         self._buckets = self._build_buckets()
@@ -271,7 +273,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         first = groups[0]
         for i, group in enumerate(groups):
             self._validate_group(group)
-            if "step_size" in group:
+            pending_auto = group.get("init_step_size") == "auto" and group.get("step_size") == 0.0
+            if "step_size" in group and not pending_auto:
                 _positive("step_size", group["step_size"])
             for key in self._search_keys:
                 if group[key] != first[key]:
@@ -426,15 +429,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         max_trials: int,
         direction: str = "d",
         scale: dict[int, float] | None = None,
+        slope: float | None = None,
+        first_rule: str = "grow",
     ) -> SearchResult:
         """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` (``eta*scale[g]`` when ``scale`` is given) until
         ``decrease(eta, f_trial)`` holds.
 
+        After a rejection the next eta is ``eta*shrink`` (``backtracking="geometric"``) or, with
+        ``backtracking="interpolate"``, the safeguarded quadratic/cubic minimiser of the loss along the ray built from
+        ``f0``, ``slope`` (the loss's derivative with respect to ``eta`` at 0) and the rejected trials
+        (``lsfused.optim.interpolation``). ``first_rule`` names where ``eta0`` came from, for the recorder.
         A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried. With
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
         shrinking eta further.
         """
-        eta, ft, unchanged, first_unchanged_eta = eta0, None, 0, eta0
+        interp = None
+        if self.param_groups[0].get("backtracking", "geometric") == "interpolate" and slope is not None:
+            interp = Interpolator(f0, slope)
+        eta, ft, unchanged, first_unchanged_eta, rule = eta0, None, 0, eta0, first_rule
         for t in range(1, max_trials + 1):
             self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)
             ft = self._call(run, "at a trial point")[1]
@@ -448,7 +460,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             if not ok and self.armijo == "noise_aware":
                 reason = self._unresolvable(f0, ft, predicted(eta), groups, direction, unchanged >= 2)
             if self._recorder is not None:
-                self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction, scale)
+                self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction, scale, rule=rule)
             if ok:
                 return SearchResult("accepted", eta, t, ft)
             if reason is not None:
@@ -456,7 +468,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 kept = first_unchanged_eta if unchanged >= 2 else eta
                 return SearchResult("unresolvable", kept, t, ft, reason)
             if t < max_trials:
-                eta *= shrink
+                if interp is None:
+                    eta *= shrink
+                    rule = "geometric"
+                else:
+                    eta, rule = interp.next(eta, ft)
         return SearchResult("failed", eta, max_trials, ft)
 
     def rounding_bound(self, f0: float, ft: float) -> float:

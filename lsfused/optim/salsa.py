@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
+from lsfused.optim import interpolation
 from lsfused.optim.base import (
     LineSearchOptimizer,
     SearchResult,
     _betas,
     _boolean,
+    _choice,
     _finite,
     _finite_at_least,
     _in_range,
@@ -85,6 +88,15 @@ class SaLSa(LineSearchOptimizer):
         bias_correction (str, default "standard"): ``"standard"``: ``m_hat = m/(1 - b1**k)``,
             ``v_hat = v/(1 - b2**k)`` at step k; ``"authors"``: ``1 - b**(k+1)`` instead, as the authors' SaLSA does
             (for reproducing their runs).
+        init_step_size may be ``"auto"``: the first search starts at ``(a*D_prev + (1-a)*f(w0))/(c*G)``, the largest
+            step the smoothed test can accept when the loss is >= 0 (``f(w0)/(c*s)`` on the first step).
+        backtracking (str, default "geometric"): ``"geometric"`` is ``eta *= shrink``; ``"interpolate"`` as in
+            :class:`lsfused.SGDSLS`. The model is of the raw loss along the searched ray, ``phi(eta) = f(w0 +
+            eta*d)``, built from ``f(w0)``, the slope ``g·d`` (``g·dm`` with ``use_momentum_direction``) and the
+            rejected trial losses, not of the smoothed decrease: for a given eta the smoothed test is monotone in
+            ``f(trial)``, so the minimiser of ``phi`` is where it has the most room, and the smoothing state
+            (``D_prev``, ``G``) says nothing about the shape of this step's ray. The acceptance test stays the smoothed
+            one, and a failed search still ends at ``shrink`` times the last trial.
     """
 
     _mode = MODE_ADAM
@@ -97,6 +109,7 @@ class SaLSa(LineSearchOptimizer):
         "max_backtracks",
         "use_momentum_direction",
         "speed_up",
+        "backtracking",
     )
 
     def __init__(
@@ -119,9 +132,9 @@ class SaLSa(LineSearchOptimizer):
         estimate_noise: bool = False,
         process_group: Any = None,
         bias_correction: str = "standard",
+        backtracking: str = "geometric",
     ):
-        if bias_correction not in _BIAS_CORRECTIONS:
-            raise ValueError(f"bias_correction must be one of {_BIAS_CORRECTIONS}, got {bias_correction!r}")
+        _choice("bias_correction", bias_correction, _BIAS_CORRECTIONS)
         self.bias_correction = bias_correction
         defaults = dict(
             init_step_size=init_step_size,
@@ -135,8 +148,10 @@ class SaLSa(LineSearchOptimizer):
             use_momentum_direction=use_momentum_direction,
             speed_up=speed_up,
             weight_decay=weight_decay,
+            backtracking=backtracking,
         )
         self._smoothed = {"G": 0.0, "D": 0.0, "fast": 1e-8, "slow": 1e-8, "since_search": 0, "s_now": 0.0}
+        self._auto_warned = False
         super().__init__(
             params,
             defaults,
@@ -148,7 +163,7 @@ class SaLSa(LineSearchOptimizer):
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _positive("init_step_size", group["init_step_size"])
+        interpolation.validate(group)
         _open_interval("c", group["c"], 0.0, 1.0)
         _betas(group["betas"])
         _in_range("smoothing", group["smoothing"], 0.0, 1.0)
@@ -192,6 +207,19 @@ class SaLSa(LineSearchOptimizer):
             self._apply(dict.fromkeys(groups, eta0), "dm")
             return SearchResult("skipped", eta0, 0, None), (), None
         G, D_prev, c = st["G"], st["D"], g0["c"]
+        first_rule = "init" if k == 1 else "grow"
+        if g0["init_step_size"] == "auto" and g0["step_size"] == 0.0:
+            # The smoothed test needs a*D_prev + (1-a)*(f0 - ft) >= c*eta*G; with ft >= 0 that bounds eta by
+            # (a*D_prev + (1-a)*f0)/(c*G), which is f0/(c*s) on the first search.
+            eta0, first_rule = interpolation.auto_start(a * D_prev + (1.0 - a) * f0, c, G), "auto"
+            if eta0 is None:
+                eta0 = 1.0
+                if not self._auto_warned:
+                    self._auto_warned = True
+                    warnings.warn(
+                        f'init_step_size="auto" needs a positive loss, but the loss is {f0!r}; starting from 1.0',
+                        stacklevel=4,
+                    )
         accepted_D = []
 
         def decrease(eta: float, ft: float) -> bool:
@@ -205,6 +233,7 @@ class SaLSa(LineSearchOptimizer):
             return False
 
         direction = "dm" if g0["use_momentum_direction"] else "d"
+        slope = float(sums[:, 4 if g0["use_momentum_direction"] else 2].sum())  # g·dm or g·d
         s_now = st["s_now"]
         result = self._armijo(
             run,
@@ -216,6 +245,8 @@ class SaLSa(LineSearchOptimizer):
             g0["shrink"],
             g0["max_backtracks"],
             direction,
+            slope=slope,
+            first_rule=first_rule,
         )
         if accepted_D:
             st["D"] = accepted_D[-1]

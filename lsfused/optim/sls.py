@@ -7,12 +7,14 @@ arXiv 2403.18506 (equation numbers below are that paper's), building on Vaswani 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lsfused.optim import interpolation
 from lsfused.optim.base import (
     LineSearchOptimizer,
     SearchResult,
@@ -22,7 +24,6 @@ from lsfused.optim.base import (
     _finite_at_least,
     _int_at_least,
     _open_interval,
-    _positive,
 )
 from lsfused.reference import MODE_ADAM, MODE_SGD
 
@@ -38,18 +39,30 @@ class _ArmijoSLS(LineSearchOptimizer):
     steps) or one component (PLASLS afterwards).
     """
 
-    _search_keys = ("c", "beta_b", "gamma", "n_batches_per_epoch", "max_backtracks", "on_failure", "init_step_size")
+    _search_keys = (
+        "c",
+        "beta_b",
+        "gamma",
+        "n_batches_per_epoch",
+        "max_backtracks",
+        "on_failure",
+        "init_step_size",
+        "backtracking",
+    )
+    #: where init_step_size="auto" starts when its bound does not exist (the class's default init_step_size)
+    _auto_fallback = 0.1
     joint_check = False  # a PLASLS option, see _joint_check
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], **options: Any):
         # PLASLS state (a single component holding every group for SGDSLS/AdamSLS).
         self.components: list[list[int]] = []
         self._cursor = 0
+        self._auto_warned = False
         super().__init__(params, defaults, **options)
         self.components = [list(range(self.n_groups))]
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _positive("init_step_size", group["init_step_size"])
+        interpolation.validate(group)
         _open_interval("c", group["c"], 0.0, 1.0)
         _open_interval("beta_b", group["beta_b"], 0.0, 1.0)
         _finite_at_least("gamma", group["gamma"], 1.0)
@@ -70,13 +83,33 @@ class _ArmijoSLS(LineSearchOptimizer):
     def _choose_component(self) -> int:
         return 0
 
+    def _auto_pending(self) -> bool:
+        """init_step_size="auto" and no search has chosen the step size yet (it is 0.0 until then)."""
+        g0 = self.param_groups[0]
+        return g0["init_step_size"] == "auto" and g0["step_size"] == 0.0
+
+    def _auto_start(self, f0: float, c: float, s: float) -> float:
+        eta = interpolation.auto_start(f0, c, s)
+        if eta is None:
+            eta = self._auto_fallback
+            if not self._auto_warned:
+                self._auto_warned = True
+                warnings.warn(
+                    f'init_step_size="auto" bounds the first step by f(w0)/(c*s), which needs a positive loss, '
+                    f"but the loss is {f0!r}; starting from {eta} instead",
+                    stacklevel=4,
+                )
+        return eta
+
     def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
         g0 = self.param_groups[0]
+        auto = self._auto_pending()
         growth = g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
         for group in self.param_groups:
             group["step_size"] = group["step_size"] * growth
         s = sums[:, 0].tolist()
-        if self._full_search(self._step_count):
+        gd = sums[:, 2].tolist()  # g·d per group: the loss's slope along d
+        if auto or self._full_search(self._step_count):
             searched = list(range(self.n_groups))
         else:
             searched = self.components[self._choose_component()]
@@ -96,20 +129,25 @@ class _ArmijoSLS(LineSearchOptimizer):
                 self._apply(step_sizes, final_dir)
                 return result, tuple(searched), None
         else:
+            eta0, first_rule = step_sizes[searched[0]], ("init" if self._step_count == 0 else "grow")
+            if auto:
+                eta0, first_rule = self._auto_start(f0, c, s_searched), "auto"
             result = self._armijo(
                 run,
                 f0,
                 searched,
-                step_sizes[searched[0]],
+                eta0,
                 lambda eta, ft: ft <= f0 - c * eta * s_searched,
                 lambda eta: c * eta * s_searched,
                 g0["beta_b"],
                 g0["max_backtracks"],
+                slope=math.fsum(gd[i] for i in searched),
+                first_rule=first_rule,
             )
             for i in searched:
                 self.param_groups[i]["step_size"] = result.eta
         if joint:  # the joint check can shrink every step size, so a merge may follow, as after any search
-            result = self._joint_check(run, f0, s, searched, others, result, final_dir)
+            result = self._joint_check(run, f0, s, searched, others, result, final_dir, gd)
             return result, tuple(searched), self._after_search(False)
         # The search decides the searched part only; the other components (PLASLS) always take their step (Eq. 7).
         if result.outcome == "accepted":
@@ -135,12 +173,14 @@ class _ArmijoSLS(LineSearchOptimizer):
         others: dict[int, float],
         result: SearchResult,
         final_dir: str,
+        gd: list[float],
     ) -> SearchResult:
         """PLASLS ``joint_check=True``: test the whole update ``w0 + tau * eta ⊙ d`` against
-        ``f(w0) - c*tau*sum_k eta_k*s_k``, backtracking the common factor ``tau`` from 1, and scale every moving
-        component's step size by the last ``tau`` tried. A check that fails (reason ``"joint"``) or cannot be judged
-        keeps ``w0`` (``on_failure="last"``: the last joint trial, after a failure); the step sizes still shrink by
-        the rejections before it, which is 1 when the first trial already could not be judged."""
+        ``f(w0) - c*tau*sum_k eta_k*s_k``, backtracking the common factor ``tau`` from 1
+        (``backtracking="interpolate"``: interpolating along ``tau``, whose slope is ``sum_k eta_k*(g·d)_k``), and
+        scale every moving component's step size by the last ``tau`` tried. A check that fails (reason ``"joint"``)
+        or cannot be judged keeps ``w0`` (``on_failure="last"``: the last joint trial, after a failure); the step sizes
+        still shrink by the rejections before it, which is 1 when the first trial already could not be judged."""
         g0 = self.param_groups[0]
         moving = dict(others)
         last = result.outcome == "failed" and g0["on_failure"] == "last"
@@ -163,6 +203,8 @@ class _ArmijoSLS(LineSearchOptimizer):
             g0["beta_b"],
             g0["max_backtracks"],
             scale=moving,
+            slope=math.fsum(eta * gd[i] for i, eta in moving.items()),
+            first_rule="joint",
         )
         for i, eta in moving.items():
             self.param_groups[i]["step_size"] = eta * joint.eta
@@ -213,7 +255,11 @@ class SGDSLS(_ArmijoSLS):
     Args:
         params: parameters or param groups. Line-search hyperparameters must be equal in every group; all
             groups share one step size.
-        init_step_size (float, default 1.0): step size the first search starts from (before the Eq. 2 growth).
+        init_step_size (float or "auto", default 1.0): step size the first search starts from (before the Eq. 2
+            growth). ``"auto"``: the first search starts at ``f(w0)/(c*s)``, the largest step size the Armijo test
+            can accept when the loss is >= 0 (``f(w0) - c*eta*s`` must stay >= 0); trials above it are wasted
+            whatever the loss does. The step size reads 0.0 until that search; with a loss <= 0 it falls back to the
+            class's default (with a warning).
         c (float, default 0.1): Armijo sufficient-decrease constant.
         beta_b (float, default 0.9): backtracking factor (the paper's delta).
         gamma (float, default 2.0): step-size growth per epoch (Eq. 2).
@@ -240,14 +286,22 @@ class SGDSLS(_ArmijoSLS):
             float64 mean over this group's ranks (None: the default group when initialized), so every rank takes
             the same decision and DDP replicas stay bit-identical. Ranks must build identical optimizers (checked
             at the first step).
+        backtracking (str, default "geometric"): the next step size after a rejected trial. ``"geometric"``:
+            ``eta *= beta_b`` (the paper's rule). ``"interpolate"``: the minimiser of a model of the loss along the
+            ray from ``f(w0)``, the slope ``g·d`` (known from Pass A) and the rejected trial losses: quadratic after
+            the first rejection, cubic afterwards, kept in ``[0.1, 0.5]`` times the last step (Nocedal & Wright,
+            Sec. 3.5; formulas and safeguards in ``lsfused.optim.interpolation``). It aims at the model's minimiser,
+            so it accepts smaller steps than the largest Armijo-acceptable one that geometric backtracking finds;
+            ``beta_b`` is then unused. See ``docs/backtracking.md`` for measurements.
     """
 
     _mode = MODE_SGD
+    _auto_fallback = 1.0
 
     def __init__(
         self,
         params: Iterable,
-        init_step_size: float = 1.0,
+        init_step_size: float | str = 1.0,
         c: float = 0.1,
         beta_b: float = 0.9,
         gamma: float = 2.0,
@@ -259,6 +313,7 @@ class SGDSLS(_ArmijoSLS):
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
         process_group: Any = None,
+        backtracking: str = "geometric",
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -268,6 +323,7 @@ class SGDSLS(_ArmijoSLS):
             n_batches_per_epoch=n_batches_per_epoch,
             max_backtracks=max_backtracks,
             on_failure=on_failure,
+            backtracking=backtracking,
         )
         super().__init__(
             params,
@@ -305,8 +361,8 @@ class AdamSLS(_ArmijoSLS):
         init_step_size (float, default 0.1), c (float, default 0.1), beta_b (float, default 0.9),
         gamma (float, default 2.0), n_batches_per_epoch (int, default 500), max_backtracks (int, default 100),
         on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"),
-        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None): as
-            in :class:`SGDSLS`.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
+            backtracking (str, default "geometric"): as in :class:`SGDSLS` (``init_step_size`` may be ``"auto"``).
         betas (tuple, default (0.9, 0.999)): Adam's beta1 (of the applied step; the search uses 0), beta2.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
     """
@@ -316,7 +372,7 @@ class AdamSLS(_ArmijoSLS):
     def __init__(
         self,
         params: Iterable,
-        init_step_size: float = 0.1,
+        init_step_size: float | str = 0.1,
         c: float = 0.1,
         beta_b: float = 0.9,
         gamma: float = 2.0,
@@ -330,6 +386,7 @@ class AdamSLS(_ArmijoSLS):
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
         process_group: Any = None,
+        backtracking: str = "geometric",
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -341,6 +398,7 @@ class AdamSLS(_ArmijoSLS):
             eps=eps,
             max_backtracks=max_backtracks,
             on_failure=on_failure,
+            backtracking=backtracking,
         )
         super().__init__(
             params,
@@ -411,13 +469,15 @@ class PLASLS(AdamSLS):
             taken their step ``w0 + eta_k * dir_k`` (the applied direction, with momentum when ``betas[0] > 0``),
             those after it are still at ``w0``. The Armijo test is the same (``f(w0) - c*eta_l*s_l``); only the trial
             point differs. The joint phase and the joint check do not depend on it.
+        backtracking (str, default "geometric"): as in :class:`SGDSLS`; with ``"interpolate"`` both the component
+            search and the joint check interpolate.
         other arguments: as in :class:`AdamSLS`.
     """
 
     def __init__(
         self,
         components: Iterable,
-        init_step_size: float = 0.1,
+        init_step_size: float | str = 0.1,
         c: float = 0.1,
         beta_b: float = 0.9,
         gamma: float = 2.0,
@@ -436,6 +496,7 @@ class PLASLS(AdamSLS):
         full_search_steps: int = 6,
         joint_check: bool = False,
         trial_point: str = "w0",
+        backtracking: str = "geometric",
     ):
         _finite_at_least("merge_threshold", merge_threshold, 0.0)
         _choice("schedule", schedule, ("cyclic", "random"))
@@ -478,6 +539,7 @@ class PLASLS(AdamSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            backtracking=backtracking,
         )
         self.components = [[i] for i in range(self.n_groups)]
 
