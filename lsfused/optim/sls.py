@@ -55,6 +55,7 @@ class _ArmijoSLS(LineSearchOptimizer):
         _int_at_least("n_batches_per_epoch", group["n_batches_per_epoch"], 1)
         _int_at_least("max_backtracks", group["max_backtracks"], 1)
         _choice("on_failure", group["on_failure"], _ON_FAILURE)
+        _finite_at_least("weight_decay", group["weight_decay"], 0.0)
         if "betas" in group:
             _betas(group["betas"])
             _finite_at_least("eps", group["eps"], 0.0)
@@ -72,6 +73,7 @@ class _ArmijoSLS(LineSearchOptimizer):
     def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
         g0 = self.param_groups[0]
         growth = g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
+        prev = [group["step_size"] for group in self.param_groups]
         for group in self.param_groups:
             group["step_size"] = group["step_size"] * growth
         s = sums[:, 0].tolist()
@@ -82,13 +84,20 @@ class _ArmijoSLS(LineSearchOptimizer):
         s_searched = math.fsum(s[i] for i in searched)
         c = g0["c"]
         final_dir = "dm" if self._has_momentum else "d"
-        step_sizes = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}
+        # The step sizes applied in this step: each group's grown step size under its cap (max_step_size, "lr").
+        step_sizes = {i: self._capped(i, self.param_groups[i]["step_size"]) for i in range(self.n_groups)}
+        uncapped = self.param_groups[searched[0]]["step_size"]
+        start = min(step_sizes[i] for i in searched)
         others = {i: e for i, e in step_sizes.items() if i not in searched}
         joint = bool(others) and self.joint_check
-        if not s_searched > 0.0:
-            # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
-            # step (a zero step for the searched part, or its momentum step when beta1 > 0).
-            result = SearchResult("skipped", step_sizes[searched[0]], 0, None)
+        if not s_searched > 0.0 or start == 0.0:
+            # Zero decrease term: no gradient on the searched part, so no trial can be judged; or a cap of 0 (a
+            # warm-up's first step). Everything takes its step (a zero step for the searched part, or its momentum
+            # step when beta1 > 0).
+            result = SearchResult("skipped", start, 0, None, "cap" if s_searched > 0.0 else None)
+            if start == 0.0:
+                for i in searched:  # the cap, not a test, stopped this step: the search's own step size stays
+                    self.param_groups[i]["step_size"] = prev[i]
             if not joint:
                 self._apply(step_sizes, final_dir)
                 return result, tuple(searched), None
@@ -104,7 +113,7 @@ class _ArmijoSLS(LineSearchOptimizer):
                 g0["max_backtracks"],
             )
             for i in searched:
-                self.param_groups[i]["step_size"] = result.eta
+                self.param_groups[i]["step_size"] = self._settle(i, prev[i], start, uncapped, result)
         if joint:  # the joint check can shrink every step size, so a merge may follow, as after any search
             result = self._joint_check(run, f0, s, searched, others, result, final_dir)
             return result, tuple(searched), self._after_search(False)
@@ -112,7 +121,7 @@ class _ArmijoSLS(LineSearchOptimizer):
         if result.outcome == "accepted":
             if final_dir != "d" or others:
                 # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
-                self._apply({i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}, final_dir)
+                self._apply({**others, **dict.fromkeys(searched, result.eta)}, final_dir)
         else:
             # unresolvable: a decision that cannot be measured does not move the weights -> w0; failed: w0 with
             # on_failure="revert", the last trial with "last".
@@ -234,6 +243,27 @@ class SGDSLS(_ArmijoSLS):
             float64 mean over this group's ranks (None: the default group when initialized), so every rank takes
             the same decision and DDP replicas stay bit-identical. Ranks must build identical optimizers (checked
             at the first step).
+        weight_decay (float, default 0.0): decoupled weight decay (as AdamW and SaLSa): the snapshot every trial
+            starts from is ``w0 = w * (1 - weight_decay * eta_prev)``, ``eta_prev`` the step size after the last
+            step (``group["lr"]``); may differ per param group.
+        max_grad_norm (float, optional): clip the gradient to this global L2 norm before anything uses it (the
+            moments, the direction and the decrease term): ``g *= max_grad_norm / (norm + 1e-6)`` when ``norm``
+            exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does. The norm is computed in float64 in the pass that
+            checks the gradient for non-finite values (FSDP2: summed over the shards of every rank) and recorded,
+            unclipped, in ``last_step.grad_norm``.
+        loss_scale (None, "dynamic" or a float): loss scaling for float16 training in ``step(closure)``: backward
+            runs on ``loss * scale`` and the gradient is unscaled before Pass A; with ``"dynamic"`` (GradScaler's
+            rules: initial scale 2**16, halved on overflow, doubled after 2000 clean steps) a step whose gradient
+            has inf/NaN entries is skipped (outcome ``"skipped"``, reason ``"overflow"``: parameters and moments
+            unchanged) and the scale halved; the scale is part of ``state_dict()`` (``opt.loss_scale_value``).
+
+    Step-size cap and ``"lr"``: every param group has ``"lr"``, equal after each step (and at construction) to
+    ``min(step_size, max_step_size)``, the step size the next search starts from before its growth. A value written
+    into ``group["lr"]`` by anything else (an LR scheduler, a LightningModule, by hand) becomes the group's
+    ``max_step_size``: the search starts at ``min(eta_prev * growth, max_step_size)``, so a scheduled learning
+    rate acts as a cap on top of the line search (warm-up, decay). A cap that limits an accepted first trial does
+    not shrink the search's own ``step_size`` (it would never grow back after a warm-up); a cap of 0 skips the
+    search (outcome ``"skipped"``, reason ``"cap"``). ``group["max_step_size"] = None`` removes the cap.
     """
 
     _mode = MODE_SGD
@@ -253,6 +283,9 @@ class SGDSLS(_ArmijoSLS):
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -262,6 +295,7 @@ class SGDSLS(_ArmijoSLS):
             n_batches_per_epoch=n_batches_per_epoch,
             max_backtracks=max_backtracks,
             on_failure=on_failure,
+            weight_decay=weight_decay,
         )
         super().__init__(
             params,
@@ -271,6 +305,8 @@ class SGDSLS(_ArmijoSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
 
 
@@ -296,8 +332,9 @@ class AdamSLS(_ArmijoSLS):
         init_step_size (float, default 0.1), c (float, default 0.1), beta_b (float, default 0.9),
         gamma (float, default 2.0), n_batches_per_epoch (int, default 500), max_backtracks (int, default 100),
         on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"),
-        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None): as
-            in :class:`SGDSLS`.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
+        weight_decay (float, default 0.0), max_grad_norm (float, optional), loss_scale (optional): as in
+            :class:`SGDSLS`, which also describes ``"lr"`` and the step-size cap.
         betas (tuple, default (0.0, 0.999)): Adam's beta1, beta2.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
     """
@@ -321,6 +358,9 @@ class AdamSLS(_ArmijoSLS):
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
         process_group: Any = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -332,6 +372,7 @@ class AdamSLS(_ArmijoSLS):
             eps=eps,
             max_backtracks=max_backtracks,
             on_failure=on_failure,
+            weight_decay=weight_decay,
         )
         super().__init__(
             params,
@@ -341,6 +382,8 @@ class AdamSLS(_ArmijoSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
 
     def _needs(self) -> tuple[bool, bool, bool]:
@@ -411,6 +454,9 @@ class PLASLS(AdamSLS):
         schedule: str = "cyclic",
         full_search_steps: int = 1,
         joint_check: bool = False,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         _finite_at_least("merge_threshold", merge_threshold, 0.0)
         _choice("schedule", schedule, ("cyclic", "random"))
@@ -451,6 +497,9 @@ class PLASLS(AdamSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
         self.components = [[i] for i in range(self.n_groups)]
 
