@@ -3,6 +3,7 @@ schedulers (a step-size cap), dynamic loss scaling for fp16, saving parts of a m
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -333,3 +334,39 @@ def test_save_model_writes_tied_weights_once(tmp_path):
     lsfused.AdamSLS(model.parameters())
     lsfused.utils.save_model(model, tmp_path / "tied.safetensors")
     assert set(load_file(tmp_path / "tied.safetensors")) == {"emb.weight"}
+
+
+def test_grad_scaler_recipe_with_fp16_autocast():
+    model = mlp()
+    x, y = batches(1)[0]
+    opt = lsfused.AdamSLS(model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # in particular, no "still scaled" warning
+        for _ in range(5):
+            opt.zero_grad()
+            loss = closure()
+            scaler.scale(loss).backward()
+            scaler.step(opt, closure, loss=loss)  # unscales .grad first, then the line search
+            scaler.update()
+            losses.append(float(loss.detach()))
+            assert opt.last_step.outcome == "accepted"
+    assert losses[-1] < losses[0]
+
+
+def test_still_scaled_gradient_with_loss_argument_is_named():
+    model = mlp()
+    x, y = batches(1)[0]
+    opt = lsfused.AdamSLS(model.parameters())
+    closure = closure_for(model, x, y)
+    loss = closure()
+    (loss * 2.0**16).backward()  # scaler.scale(loss).backward() without unscaling
+    with pytest.warns(UserWarning, match="still scaled"):
+        opt.step(closure, loss=loss)
+    assert opt.last_step.outcome in ("failed", "unresolvable")
