@@ -370,3 +370,26 @@ def test_still_scaled_gradient_with_loss_argument_is_named():
     with pytest.warns(UserWarning, match="still scaled"):
         opt.step(closure, loss=loss)
     assert opt.last_step.outcome in ("failed", "unresolvable")
+
+
+def test_peft_adapter_saves_at_its_own_size(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
+    )
+    model = peft.get_peft_model(
+        transformers.BertForSequenceClassification(config),
+        peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
+    lsfused.AdamSLS(model.parameters())  # all of them: the adapter is a view of a buffer holding the whole model
+    saved = peft.get_peft_model_state_dict(model)
+    own = sum(t.numel() * t.element_size() for t in saved.values())
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path / "adapter")  # safetensors: each tensor's own bytes
+    assert own < os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < own + 4000
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert os.path.getsize(tmp_path / "pickled" / "adapter_model.bin") > whole  # the whole buffer
+    torch.save(lsfused.utils.unshared(saved), tmp_path / "unshared.pt")
+    assert own < os.path.getsize(tmp_path / "unshared.pt") < own + 8000
