@@ -120,12 +120,13 @@ class LineSearchModule(pl.LightningModule):
             with self._muted():
                 return _loss_of(self.training_step(batch, index))
 
-        # Lightning's closure (training_step, zero_grad, backward and their hooks), once, under the step's seed.
-        first = inner._runner(optimizer_closure)
         held: dict[str, Any] = {}
 
         def once() -> Any:
-            held["loss"] = first()
+            # Lightning's closure (training_step, zero_grad, backward and their hooks), once, under the random state
+            # of the step's trials (step_rng), so the optimizer compares them with this loss directly.
+            with inner.step_rng():
+                held["loss"] = optimizer_closure()
             return held["loss"]
 
         # An LR scheduler wraps ``step`` on the instance (to tell whether the optimizer stepped): keep its wrapper.
