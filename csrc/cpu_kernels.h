@@ -39,8 +39,8 @@ struct KernelTable {
   void (*restore)(DType, void* w, const void* w0, int64_t begin, int64_t n, bool stream);
   // out = [elements with d != 0, those of them where w == w0 rounded to the param dtype] over [begin, begin + n).
   void (*absorbed)(DType, const void* w, const void* w0, const void* d, int64_t begin, int64_t n, int64_t* out);
-  // Number of non-finite entries of g in [begin, begin + n).
-  int64_t (*nonfinite)(DType, const void* g, int64_t begin, int64_t n);
+  // Over g[begin, begin + n): returns the number of non-finite entries and writes the float64 sum of g*g to sumsq.
+  int64_t (*grad_check)(DType, const void* g, int64_t begin, int64_t n, double* sumsq);
 };
 
 extern const KernelTable kCpuBaseline;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -180,20 +181,26 @@ at::Tensor absorbed_counts_cpu(const at::Tensor& w, const at::Tensor& w0, const 
   return out;
 }
 
-int64_t nonfinite_count_cpu(const at::Tensor& g) {
-  TORCH_CHECK(g.is_contiguous(), "lsfused: nonfinite_count needs a contiguous tensor");
+// (non-finite count, float64 sum of g*g) in one read of g; chunk sums added in chunk order (thread-independent).
+std::tuple<int64_t, double> grad_check_cpu(const at::Tensor& g) {
+  TORCH_CHECK(g.is_contiguous(), "lsfused: grad_check needs a contiguous tensor");
   state_dtype(g.scalar_type());
   const int64_t ranges_[2] = {0, g.numel()};
   const auto chunks = chunks_of(at::IntArrayRef(ranges_, 2));
-  std::vector<int64_t> part(chunks.size());
+  std::vector<int64_t> count(chunks.size());
+  std::vector<double> sumsq(chunks.size());
   const DType code = dtype_code(g.scalar_type());
   const KernelTable& kern = cpu_kernels();
   for_chunks(chunks, [&](int64_t k, const Chunk& c) {
-    part[k] = kern.nonfinite(code, g.data_ptr(), c.begin, c.end - c.begin);
+    count[k] = kern.grad_check(code, g.data_ptr(), c.begin, c.end - c.begin, &sumsq[k]);
   });
-  int64_t total = 0;
-  for (int64_t x : part) total += x;
-  return total;
+  int64_t bad = 0;
+  double total_sq = 0.0;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    bad += count[k];
+    total_sq += sumsq[k];
+  }
+  return {bad, total_sq};
 }
 
 std::string cpu_isa() { return cpu_kernels().isa; }
@@ -249,7 +256,7 @@ TORCH_LIBRARY(lsfused_cpp, m) {
   m.def("trial_step(Tensor(a!) w, Tensor w0, Tensor d, int[] ranges, Tensor eta) -> ()");
   m.def("restore(Tensor(a!) w, Tensor w0, int[] ranges) -> ()");
   m.def("absorbed_counts(Tensor w, Tensor w0, Tensor d, int[] ranges) -> Tensor");
-  m.def("nonfinite_count(Tensor g) -> int");
+  m.def("grad_check(Tensor g) -> (int, float)");
   m.def("cpu_isa() -> str", &lsfused::cpu_isa);
 }
 
@@ -258,5 +265,5 @@ TORCH_LIBRARY_IMPL(lsfused_cpp, CPU, m) {
   m.impl("trial_step", &lsfused::trial_step_cpu);
   m.impl("restore", &lsfused::restore_cpu);
   m.impl("absorbed_counts", &lsfused::absorbed_counts_cpu);
-  m.impl("nonfinite_count", &lsfused::nonfinite_count_cpu);
+  m.impl("grad_check", &lsfused::grad_check_cpu);
 }

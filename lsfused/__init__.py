@@ -1,6 +1,6 @@
 """lsfused: fused stochastic line-search optimizers for PyTorch."""
 
-from lsfused import components
+from lsfused import components, utils
 from lsfused.backends import available_backends, backends
 from lsfused.optim import ALSALS, PLASLS, SGDSLS, AdamSLS, LineSearchOptimizer, SaLSa, StepRecord
 
@@ -17,4 +17,5 @@ __all__ = [
     "available_backends",
     "backends",
     "components",
+    "utils",
 ]

@@ -6,6 +6,7 @@ it); an explicitly requested backend that is unavailable raises with the reason.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -75,16 +76,23 @@ class Backend:
         temporaries. Everywhere else the shared torch code below runs."""
         return self.name == "cpp" and t.device.type == "cpu" and t.is_contiguous()
 
-    def nonfinite_count(self, g: Tensor) -> int:
+    def grad_check(self, g: Tensor) -> tuple[int, float]:
+        """(number of non-finite entries of ``g``, float64 sum of ``g*g``): the non-finite check and the squared
+        L2 norm that gradient clipping needs, from one read of ``g``."""
         if self._cpp_kernel(g):
             from lsfused.kernels import cpp_ops
 
-            return cpp_ops.nonfinite_count(g)
-        # One fast reduction: NaN and inf propagate through a sum. Only when the sum is not finite (a non-finite
-        # entry, or an fp32 overflow of huge finite grads) count exactly; isfinite() on every step costs ~30x more.
-        if torch.isfinite(g.sum()):
-            return 0
-        return int((~torch.isfinite(g)).sum())
+            return cpp_ops.grad_check(g)
+        # One float64 reduction: NaN and inf propagate into it (finite fp32/fp16/bf16 squares cannot overflow in
+        # float64), so the exact count runs only when the sum is not finite; isfinite() on every step costs ~30x more.
+        sumsq = float(torch.linalg.vector_norm(g, dtype=torch.float64).square()) if g.numel() else 0.0
+        if math.isfinite(sumsq):
+            return 0, sumsq
+        return int((~torch.isfinite(g)).sum()), sumsq
+
+    def scale_(self, g: Tensor, factor: float) -> None:
+        """``g *= factor`` in place (unscaling and clipping the flat gradient before Pass A)."""
+        g.mul_(factor)
 
     def absorbed_counts(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
         """A companion reduction (see ``reference.absorbed_counts``)."""

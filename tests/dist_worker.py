@@ -29,6 +29,8 @@ def global_batches(n=4):
 def make_optimizer(name, model, params):
     if name == "adamsls":
         return lsfused.AdamSLS(params, init_step_size=3.0)
+    if name == "adamsls_clip":  # clipping binds: the global norm must be the same on every rank and shard layout
+        return lsfused.AdamSLS(params, init_step_size=3.0, max_grad_norm=0.3, weight_decay=0.01)
     if name == "sgdsls":
         return lsfused.SGDSLS(params, init_step_size=30.0)
     if name == "plasls":

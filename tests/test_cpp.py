@@ -127,13 +127,23 @@ def test_empty_ranges_tails_and_weight_decay(dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nonfinite_count(dtype):
+def test_grad_check_counts_nonfinite_and_sums_squares(dtype):
     from lsfused.kernels import cpp_ops
 
-    g = torch.randn(100_003).to(dtype)
-    assert cpp_ops.nonfinite_count(g) == 0
+    g = (torch.randn(100_003) * 3).to(dtype)
+    exact = math.fsum(x * x for x in g.double().tolist())
+    count, sumsq = cpp_ops.grad_check(g)
+    assert count == 0
+    assert sumsq == pytest.approx(exact, rel=1e-13)
+    threads = torch.get_num_threads()
+    try:  # chunk sums are added in chunk order: the same bits with one thread
+        torch.set_num_threads(1)
+        assert cpp_ops.grad_check(g) == (0, sumsq)
+    finally:
+        torch.set_num_threads(threads)
     g[[0, 17, 50_000, 100_002]] = torch.tensor([math.inf, -math.inf, math.nan, math.nan], dtype=dtype)
-    assert cpp_ops.nonfinite_count(g) == 4 == int((~torch.isfinite(g)).sum())
+    assert cpp_ops.grad_check(g)[0] == 4 == int((~torch.isfinite(g)).sum())
+    assert cpp_ops.grad_check(g[:0]) == (0, 0.0)
 
 
 @needs_cpp

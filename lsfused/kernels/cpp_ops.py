@@ -173,9 +173,11 @@ def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tens
     return _lib().absorbed_counts(w, w0, d, list(ranges))
 
 
-def nonfinite_count(g: Tensor) -> int:
-    """Number of inf/NaN entries in one read-only pass, no temporaries (a contiguous CPU tensor)."""
-    return int(_lib().nonfinite_count(g))
+def grad_check(g: Tensor) -> tuple[int, float]:
+    """(number of inf/NaN entries, float64 sum of ``g*g``) in one read-only pass, no temporaries (a contiguous CPU
+    tensor). The sum is accumulated in fixed-size chunks added in order, so it does not depend on the thread count."""
+    count, sumsq = _lib().grad_check(g)
+    return int(count), float(sumsq)
 
 
 def cpu_isa() -> str:

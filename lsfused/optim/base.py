@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ class StepRecord:
         merged: for PLASLS, the pair of component indices merged after this step, else None.
         reason: for ``"unresolvable"``: ``"noise"`` (predicted decrease and measured difference both below the
             rounding bound) or ``"absorbed"`` (the update is absorbed by rounding); ``"joint"`` for a PLASLS step
-            whose joint check failed; for ``"interrupted"`` the exception's type name; else None.
+            whose joint check failed; for ``"interrupted"`` the exception's type name; for ``"skipped"``:
+            ``"overflow"`` (dynamic loss scaling found inf/NaN gradients: nothing changed but the scale) or ``"cap"``
+            (a step-size cap of 0, e.g. a warm-up's first step); else None.
+        grad_norm: global L2 norm of the gradient (float64, unscaled, before clipping), or None.
     """
 
     step: int
@@ -61,6 +65,7 @@ class StepRecord:
     closure_calls: int
     merged: tuple[int, int] | None = None
     reason: str | None = None
+    grad_norm: float | None = None
 
 
 @dataclass
@@ -187,6 +192,17 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _cap_value(name: str, value: Any) -> None:
+    if value is not None:
+        _finite_at_least(name, value, 0.0)
+
+
+#: GradScaler's defaults: initial scale, growth and backoff factors, clean steps before growing.
+_SCALER_INIT, _SCALER_GROWTH, _SCALER_BACKOFF, _SCALER_INTERVAL = 2.0**16, 2.0, 0.5, 2000
+#: added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
+_CLIP_EPS = 1e-6
+
+
 def _betas(value: Any) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
@@ -215,12 +231,26 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         armijo: str = "noise_aware",
         estimate_noise: bool = False,
         process_group: Any = None,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         _boolean("deterministic_closure", deterministic_closure)
         _choice("armijo", armijo, ARMIJO_TESTS)
         _boolean("estimate_noise", estimate_noise)
+        if max_grad_norm is not None:
+            _positive("max_grad_norm", max_grad_norm)
+        if not (loss_scale is None or loss_scale == "dynamic"):
+            _positive('loss_scale (None, "dynamic" or a positive number)', loss_scale)
         self.armijo = armijo
         self.estimate_noise = estimate_noise
+        self.max_grad_norm = max_grad_norm
+        self.loss_scale = loss_scale
+        # the current loss scale and the clean steps since it last changed (``loss_scale`` set), else None
+        self._scaler = None if loss_scale is None else {"scale": _SCALER_INIT, "tracker": 0}
+        if _number(loss_scale):
+            self._scaler["scale"] = float(loss_scale)
+        self._decrease_ratio = 0.0
+        self._warned_scaled = False
         self._process_group = process_group
         self._dist_checked = False
         self._recorder = None
@@ -238,6 +268,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             # init_step_size="auto": 0.0 until the first search chooses it (see _auto_start)
             group.setdefault("step_size", 0.0 if group["init_step_size"] == "auto" else float(group["init_step_size"]))
+            group.setdefault("max_step_size", None)
+        self._lr_written: list[float] = []
+        self._publish_lr()
         self._ops = resolve_backend(backend, self.param_groups[0]["params"][0].device)
         self.backend = self._ops.name
         self._buckets = self._build_buckets()
@@ -276,6 +309,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             pending_auto = group.get("init_step_size") == "auto" and group.get("step_size") == 0.0
             if "step_size" in group and not pending_auto:
                 _positive("step_size", group["step_size"])
+            _cap_value(f"param group {i}'s max_step_size", group.get("max_step_size"))
             for key in self._search_keys:
                 if group[key] != first[key]:
                     raise ValueError(
@@ -338,7 +372,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             group = self.param_groups[gi]
             b1, b2 = group.get("betas", (0.0, 0.0))
             wd = group.get("weight_decay", 0.0)
-            rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * group["step_size"]]
+            eta = self._capped(gi, group["step_size"])
+            rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * eta]
         return rows
 
     def _pass_a(self) -> Tensor:
@@ -377,6 +412,109 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 self._ops.restore(b.w, b.w0, sel)
                 b.write_back()
 
+    # ------------------------------------------------------------------ step-size cap ("lr") and gradients
+
+    def _cap(self, gi: int) -> float:
+        """The step-size cap of param group ``gi`` (``group["max_step_size"]``; None: no cap)."""
+        cap = self.param_groups[gi].get("max_step_size")
+        return math.inf if cap is None else float(cap)
+
+    def _capped(self, gi: int, eta: float) -> float:
+        return min(eta, self._cap(gi))
+
+    def _settle(self, gi: int, eta_prev: float, start: float, uncapped: float, result: SearchResult) -> float:
+        """The search's own step size after a search that started at ``start = min(uncapped, cap)``.
+
+        When the cap (not a rejection) limited an accepted first trial, the search's step size is not shrunk to the
+        cap (it would never grow back under a warm-up): it stays ``max(eta_prev, start)``. Otherwise it is what the
+        search found (``result.eta``)."""
+        if start < uncapped and result.outcome == "accepted" and result.trials == 1:
+            return max(eta_prev, start)
+        return result.eta
+
+    def _new_caps(self) -> dict[int, float]:
+        """A value in ``group["lr"]`` other than the one this optimizer wrote after the last step was set by an LR
+        scheduler or by hand: it becomes the group's step-size cap ``max_step_size``. Validated here, before the
+        step changes anything; committed by ``step()``."""
+        new = {}
+        for i, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            written = self._lr_written[i] if i < len(self._lr_written) else None
+            if lr is not written and lr != written:
+                if isinstance(lr, Tensor) and lr.numel() == 1:
+                    lr = lr.item()
+                _finite_at_least(f'param group {i}\'s "lr" (read as the step-size cap max_step_size)', lr, 0.0)
+                new[i] = float(lr)
+        return new
+
+    def _publish_lr(self) -> None:
+        """``group["lr"] = min(step_size, max_step_size)``: the step size the next step starts from (before its
+        growth), which loggers, LR monitors and schedulers read."""
+        self._lr_written = []
+        for i, group in enumerate(self.param_groups):
+            group["lr"] = self._capped(i, float(group["step_size"]))
+            self._lr_written.append(group["lr"])
+
+    def _grad_norm(self, scaled: bool) -> float | None:
+        """Check the flat gradients (one read each: non-finite count and float64 squared norm), then unscale and
+        clip them in place before Pass A. Returns the unscaled, unclipped global L2 norm, or None when loss scaling
+        found an overflow (the step is then skipped and the scale lowered)."""
+        bad, sumsq, bad_sh, sumsq_sh = 0, 0.0, 0.0, 0.0
+        for b in self._buckets:
+            count, sq = self._ops.grad_check(b.g)
+            if b.sharded:
+                bad_sh, sumsq_sh = bad_sh + count, sumsq_sh + sq
+            else:
+                bad, sumsq = bad + count, sumsq + sq
+        if any(b.sharded for b in self._buckets):
+            # FSDP2: each rank holds a disjoint shard, so the count and the squared norm are sums over ranks (every
+            # rank refuses, skips or clips together). Plain buckets hold the full (DDP: already averaged) gradient.
+            bad_sh, sumsq_sh = self._reduce([float(bad_sh), sumsq_sh], average=False)
+        bad, sumsq = bad + int(bad_sh), sumsq + sumsq_sh
+        if bad and scaled:
+            self._scaler["scale"] *= _SCALER_BACKOFF
+            self._scaler["tracker"] = 0
+            return None
+        if bad:
+            raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
+        factor = 1.0
+        if scaled:
+            factor = 1.0 / self._scaler["scale"]
+            sumsq *= factor * factor
+        norm = math.sqrt(sumsq)
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            factor *= self.max_grad_norm / (norm + _CLIP_EPS)
+        if factor != 1.0:
+            for b in self._buckets:
+                self._ops.scale_(b.g, factor)
+        if scaled:
+            self._scaler["tracker"] += 1
+            if self._scaler["tracker"] >= _SCALER_INTERVAL:
+                self._scaler["scale"] *= _SCALER_GROWTH
+                self._scaler["tracker"] = 0
+        return norm
+
+    def _warn_if_scaled(self, result: SearchResult) -> None:
+        """With ``loss=``, a gradient still multiplied by a loss scale (``scaler.scale(loss).backward()`` without
+        unscaling) makes every predicted decrease ``scale`` times too large: the search shrinks the step until it
+        fails, while the loss does fall, by a tiny fraction of the prediction. Say so, once."""
+        ratio = self._decrease_ratio
+        if self._warned_scaled or result.outcome not in ("failed", "unresolvable") or not 0.0 < ratio < 1e-3:
+            return
+        self._warned_scaled = True
+        warnings.warn(
+            f"{type(self).__name__}: the loss fell along the search direction, but only {ratio:.2g} times the "
+            "decrease the gradient predicts, and the search found no step: is the gradient still scaled (AMP "
+            "GradScaler)? Unscale before step(loss=...): scaler.step(opt, closure, loss=loss) does, or "
+            "scaler.unscale_(opt); or use step(closure) with loss_scale='dynamic'",
+            stacklevel=3,
+        )
+
+    @property
+    def loss_scale_value(self) -> float | None:
+        """The current loss scale (``loss_scale`` set), else None."""
+        return None if self._scaler is None else self._scaler["scale"]
+
     # ------------------------------------------------------------------ distributed
 
     def _group(self):
@@ -400,8 +538,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _signature(self) -> str:
         """Layout and hyperparameters every rank must agree on."""
-        groups = [{k: v for k, v in g.items() if k not in ("params", "step_size")} for g in self.param_groups]
-        return repr((type(self).__name__, self._layout(), groups, self.armijo, self._step_count))
+        groups = [{k: v for k, v in g.items() if k not in ("params", "step_size", "lr")} for g in self.param_groups]
+        return repr((type(self).__name__, self._layout(), groups, self.armijo, self._step_count, self.max_grad_norm))
 
     def _check_ranks_agree(self) -> None:
         group = self._group()
@@ -451,6 +589,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)
             ft = self._call(run, "at a trial point")[1]
             ok = math.isfinite(ft) and decrease(eta, ft)
+            if math.isfinite(ft) and ft < f0 and predicted(eta) > 0.0:  # measured / predicted decrease (see step)
+                self._decrease_ratio = max(self._decrease_ratio, (f0 - ft) / predicted(eta))
             if ft == f0:
                 unchanged += 1
                 first_unchanged_eta = eta if unchanged == 1 else first_unchanged_eta
@@ -608,7 +748,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             for b in self._buckets:
                 b.zero_grad()
             with torch.enable_grad():
-                loss.backward()
+                if self._scaler is None:
+                    loss.backward()
+                else:  # loss scaling: backward on loss * scale, in float32 at least (an fp16 loss * 2**16 overflows)
+                    (loss.float() * self._scaler["scale"]).backward()
             return loss, f0
         f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
         if not math.isfinite(f0):
@@ -660,20 +803,39 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         for b in self._buckets:
             b.check_params()
+        if loss is not None and self._scaler is not None:
+            raise ValueError(
+                "loss_scale applies to step(closure) only (the optimizer scales the loss before its own backward); "
+                "with loss= backward already ran: unscale first (GradScaler: scaler.step(opt, closure, loss=loss))"
+            )
+        caps = self._new_caps()
         if not self._dist_checked:
             self._check_ranks_agree()
         run = self._runner(closure)
+        given_loss = loss is not None
         loss, f0 = self._loss_at_start(run, loss)
         for b in self._buckets:
             b.check_grads()
         for b in self._buckets:
             b.read_params()
             b.gather_grads()
-        bad = sum(self._ops.nonfinite_count(b.g) for b in self._buckets)
-        if any(b.sharded for b in self._buckets):
-            bad = int(self._reduce([float(bad)], average=False)[0])  # every rank must refuse together
-        if bad:
-            raise ValueError(f"{bad} gradient entries are not finite (NaN or inf); the step was refused")
+        grad_norm = self._grad_norm(scaled=self._scaler is not None)
+        if grad_norm is None:  # loss-scale overflow: nothing changes but the (lowered) scale
+            self.last_step = StepRecord(
+                step=self._step_count,
+                loss=f0,
+                trial_loss=None,
+                step_sizes=tuple(float(g["step_size"]) for g in self.param_groups),
+                searched=(),
+                trials=0,
+                outcome="skipped",
+                closure_calls=self._calls[0],
+                reason="overflow",
+                grad_norm=math.inf,
+            )
+            return loss.detach()
+        for i, cap in caps.items():  # a scheduled (or hand-set) "lr" caps this step and the next ones
+            self.param_groups[i]["max_step_size"] = cap
         self._loss_dtype = loss.dtype
         self._noise = 0.0
         if self.estimate_noise:
@@ -689,6 +851,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             pass_a_done = True
             if self._recorder is not None:
                 self._recorder.begin_step(self, f0, sums)
+            self._decrease_ratio = 0.0
             result, searched, merged = self._search(run, f0, sums)
         except BaseException as err:
             with _sigint_deferred():
@@ -706,7 +869,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             closure_calls=self._calls[0],
             merged=merged,
             reason=result.reason,
+            grad_norm=grad_norm,
         )
+        self._publish_lr()
+        if given_loss:
+            self._warn_if_scaled(result)
         if self._recorder is not None:
             self._recorder.end_step(self, self.last_step)
         return loss.detach()
@@ -780,6 +947,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 "step": self._step_count,
                 "seed": self._seed,
                 "extra": self._extra_state(),
+                "lr_written": list(self._lr_written),
+                "loss_scale": None if self._scaler is None else dict(self._scaler),
             },
         }
 
@@ -826,6 +995,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._step_count = meta["step"]
         self._seed = meta["seed"]
         self._load_extra_state(meta["extra"])
+        # What this optimizer last wrote into "lr": a scheduler's value saved before a step read it still counts as
+        # new after loading (state dicts without it: the saved "lr" is taken as written).
+        written = meta.get("lr_written")
+        ok = isinstance(written, list) and len(written) == len(self.param_groups)
+        self._lr_written = list(written) if ok else [g.get("lr") for g in self.param_groups]
+        if self._scaler is not None and isinstance(meta.get("loss_scale"), dict):
+            self._scaler = {"scale": float(meta["loss_scale"]["scale"]), "tracker": int(meta["loss_scale"]["tracker"])}
 
     def _checked_groups(self, saved: Any) -> list[dict[str, Any]]:
         """The saved param groups' hyperparameters (without ``params``), validated like the constructor's."""
@@ -841,12 +1017,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict param group {i} lists params {entry.get('params')!r}, expected {n}")
             index += n
             keys, expected = set(entry) - {"params"}, set(group) - {"params"}
+            keys |= expected & {"lr", "max_step_size"}  # optional: state dicts from before the step-size cap
             if keys != expected:
                 raise ValueError(
                     f"state_dict param group {i} has keys missing {sorted(expected - keys)} and unknown "
                     f"{sorted(keys - expected)}"
                 )
-            out.append({k: v for k, v in entry.items() if k != "params"})
+            out.append({"max_step_size": None, **{k: v for k, v in entry.items() if k != "params"}})
         try:
             self._check_values(out)
         except ValueError as err:

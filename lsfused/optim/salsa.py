@@ -97,6 +97,9 @@ class SaLSa(LineSearchOptimizer):
             ``f(trial)``, so the minimiser of ``phi`` is where it has the most room, and the smoothing state
             (``D_prev``, ``G``) says nothing about the shape of this step's ray. The acceptance test stays the smoothed
             one, and a failed search still ends at ``shrink`` times the last trial.
+        armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
+        max_grad_norm (float, optional), loss_scale (optional): as in :class:`lsfused.SGDSLS`, which also
+            describes ``"lr"`` and the step-size cap (all groups share one step size: the smallest cap applies).
     """
 
     _mode = MODE_ADAM
@@ -133,6 +136,8 @@ class SaLSa(LineSearchOptimizer):
         process_group: Any = None,
         bias_correction: str = "standard",
         backtracking: str = "geometric",
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         _choice("bias_correction", bias_correction, _BIAS_CORRECTIONS)
         self.bias_correction = bias_correction
@@ -160,6 +165,8 @@ class SaLSa(LineSearchOptimizer):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -189,7 +196,9 @@ class SaLSa(LineSearchOptimizer):
         g0, st = self.param_groups[0], self._smoothed
         k = self._step_count + 1
         a = g0["smoothing"]
-        eta0 = g0["step_size"] * g0["growth"]
+        eta_prev = g0["step_size"]
+        uncapped = eta_prev * g0["growth"]
+        eta0 = min(self._capped(i, uncapped) for i in range(self.n_groups))
         st["since_search"] += 1
         r = st["fast"] / st["slow"]
         r = 1.0 / r if r < 1.0 else r
@@ -203,9 +212,9 @@ class SaLSa(LineSearchOptimizer):
             st["G"] = a * st["G"] + (1.0 - a) * s
             st["s_now"] = s
             search = f0 >= _GATE and st["G"] >= _GATE
-        if not search:
+        if not search or eta0 == 0.0:
             self._apply(dict.fromkeys(groups, eta0), "dm")
-            return SearchResult("skipped", eta0, 0, None), (), None
+            return SearchResult("skipped", eta0, 0, None, "cap" if search else None), (), None
         G, D_prev, c = st["G"], st["D"], g0["c"]
         first_rule = "init" if k == 1 else "grow"
         if g0["init_step_size"] == "auto" and g0["step_size"] == 0.0:
@@ -255,7 +264,8 @@ class SaLSa(LineSearchOptimizer):
             for group in self.param_groups:
                 group["step_size"] = result.eta
             return result, groups, None
-        eta = result.eta if result.outcome == "accepted" else result.eta * g0["shrink"]
+        eta = self._settle(0, eta_prev, eta0, uncapped, result)
+        eta = eta if result.outcome == "accepted" else result.eta * g0["shrink"]
         for group in self.param_groups:
             group["step_size"] = eta
         st["fast"] = 0.9 * st["fast"] + 0.1 * eta

@@ -69,6 +69,7 @@ class _ArmijoSLS(LineSearchOptimizer):
         _int_at_least("n_batches_per_epoch", group["n_batches_per_epoch"], 1)
         _int_at_least("max_backtracks", group["max_backtracks"], 1)
         _choice("on_failure", group["on_failure"], _ON_FAILURE)
+        _finite_at_least("weight_decay", group["weight_decay"], 0.0)
         if "betas" in group:
             _betas(group["betas"])
             _finite_at_least("eps", group["eps"], 0.0)
@@ -105,6 +106,7 @@ class _ArmijoSLS(LineSearchOptimizer):
         g0 = self.param_groups[0]
         auto = self._auto_pending()
         growth = g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
+        prev = [group["step_size"] for group in self.param_groups]
         for group in self.param_groups:
             group["step_size"] = group["step_size"] * growth
         s = sums[:, 0].tolist()
@@ -116,22 +118,30 @@ class _ArmijoSLS(LineSearchOptimizer):
         s_searched = math.fsum(s[i] for i in searched)
         c = g0["c"]
         final_dir = "dm" if self._has_momentum else "d"
-        step_sizes = {i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}
+        # The step sizes applied in this step: each group's grown step size under its cap (max_step_size, "lr").
+        step_sizes = {i: self._capped(i, self.param_groups[i]["step_size"]) for i in range(self.n_groups)}
+        uncapped = self.param_groups[searched[0]]["step_size"]
+        start = min(step_sizes[i] for i in searched)
         others = {i: e for i, e in step_sizes.items() if i not in searched}
         joint = bool(others) and self.joint_check
         if others:
             self._before_trials(searched, step_sizes, final_dir)
-        if not s_searched > 0.0:
-            # Zero decrease term: no gradient on the searched part, so no trial can be judged. Everything takes its
-            # step (a zero step for the searched part, or its momentum step when beta1 > 0).
-            result = SearchResult("skipped", step_sizes[searched[0]], 0, None)
+        capped_out = start == 0.0 and not auto  # a cap of 0 (a warm-up's first step); "auto" starts at 0.0 too
+        if not s_searched > 0.0 or capped_out:
+            # Zero decrease term: no gradient on the searched part, so no trial can be judged; or a cap of 0.
+            # Everything takes its step (a zero step for the searched part, or its momentum step when beta1 > 0).
+            result = SearchResult("skipped", start, 0, None, "cap" if s_searched > 0.0 else None)
+            if capped_out:
+                for i in searched:  # the cap, not a test, stopped this step: the search's own step size stays
+                    self.param_groups[i]["step_size"] = prev[i]
             if not joint:
                 self._apply(step_sizes, final_dir)
                 return result, tuple(searched), None
         else:
             eta0, first_rule = step_sizes[searched[0]], ("init" if self._step_count == 0 else "grow")
             if auto:
-                eta0, first_rule = self._auto_start(f0, c, s_searched), "auto"
+                auto_eta = self._auto_start(f0, c, s_searched)
+                eta0, first_rule = min(self._capped(i, auto_eta) for i in searched), "auto"
             result = self._armijo(
                 run,
                 f0,
@@ -145,7 +155,7 @@ class _ArmijoSLS(LineSearchOptimizer):
                 first_rule=first_rule,
             )
             for i in searched:
-                self.param_groups[i]["step_size"] = result.eta
+                self.param_groups[i]["step_size"] = self._settle(i, prev[i], start, uncapped, result)
         if joint:  # the joint check can shrink every step size, so a merge may follow, as after any search
             result = self._joint_check(run, f0, s, searched, others, result, final_dir, gd)
             return result, tuple(searched), self._after_search(False)
@@ -153,7 +163,7 @@ class _ArmijoSLS(LineSearchOptimizer):
         if result.outcome == "accepted":
             if final_dir != "d" or others:
                 # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
-                self._apply({i: self.param_groups[i]["step_size"] for i in range(self.n_groups)}, final_dir)
+                self._apply({**others, **dict.fromkeys(searched, result.eta)}, final_dir)
         else:
             # unresolvable: a decision that cannot be measured does not move the weights -> w0; failed: w0 with
             # on_failure="revert", the last trial with "last".
@@ -293,6 +303,27 @@ class SGDSLS(_ArmijoSLS):
             Sec. 3.5; formulas and safeguards in ``lsfused.optim.interpolation``). It aims at the model's minimiser,
             so it accepts smaller steps than the largest Armijo-acceptable one that geometric backtracking finds;
             ``beta_b`` is then unused. See ``docs/backtracking.md`` for measurements.
+        weight_decay (float, default 0.0): decoupled weight decay (as AdamW and SaLSa): the snapshot every trial
+            starts from is ``w0 = w * (1 - weight_decay * eta_prev)``, ``eta_prev`` the step size after the last
+            step (``group["lr"]``); may differ per param group.
+        max_grad_norm (float, optional): clip the gradient to this global L2 norm before anything uses it (the
+            moments, the direction and the decrease term): ``g *= max_grad_norm / (norm + 1e-6)`` when ``norm``
+            exceeds it, as ``torch.nn.utils.clip_grad_norm_`` does. The norm is computed in float64 in the pass that
+            checks the gradient for non-finite values (FSDP2: summed over the shards of every rank) and recorded,
+            unclipped, in ``last_step.grad_norm``.
+        loss_scale (None, "dynamic" or a float): loss scaling for float16 training in ``step(closure)``: backward
+            runs on ``loss * scale`` and the gradient is unscaled before Pass A; with ``"dynamic"`` (GradScaler's
+            rules: initial scale 2**16, halved on overflow, doubled after 2000 clean steps) a step whose gradient
+            has inf/NaN entries is skipped (outcome ``"skipped"``, reason ``"overflow"``: parameters and moments
+            unchanged) and the scale halved; the scale is part of ``state_dict()`` (``opt.loss_scale_value``).
+
+    Step-size cap and ``"lr"``: every param group has ``"lr"``, equal after each step (and at construction) to
+    ``min(step_size, max_step_size)``, the step size the next search starts from before its growth. A value written
+    into ``group["lr"]`` by anything else (an LR scheduler, a LightningModule, by hand) becomes the group's
+    ``max_step_size``: the search starts at ``min(eta_prev * growth, max_step_size)``, so a scheduled learning
+    rate acts as a cap on top of the line search (warm-up, decay). A cap that limits an accepted first trial does
+    not shrink the search's own ``step_size`` (it would never grow back after a warm-up); a cap of 0 skips the
+    search (outcome ``"skipped"``, reason ``"cap"``). ``group["max_step_size"] = None`` removes the cap.
     """
 
     _mode = MODE_SGD
@@ -314,6 +345,9 @@ class SGDSLS(_ArmijoSLS):
         estimate_noise: bool = False,
         process_group: Any = None,
         backtracking: str = "geometric",
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -324,6 +358,7 @@ class SGDSLS(_ArmijoSLS):
             max_backtracks=max_backtracks,
             on_failure=on_failure,
             backtracking=backtracking,
+            weight_decay=weight_decay,
         )
         super().__init__(
             params,
@@ -333,6 +368,8 @@ class SGDSLS(_ArmijoSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
 
 
@@ -363,6 +400,8 @@ class AdamSLS(_ArmijoSLS):
         on_failure (str, default "revert"), deterministic_closure (bool, default True), backend (str, "auto"),
         armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
             backtracking (str, default "geometric"): as in :class:`SGDSLS` (``init_step_size`` may be ``"auto"``).
+        weight_decay (float, default 0.0), max_grad_norm (float, optional), loss_scale (optional): as in
+            :class:`SGDSLS`, which also describes ``"lr"`` and the step-size cap.
         betas (tuple, default (0.9, 0.999)): Adam's beta1 (of the applied step; the search uses 0), beta2.
         eps (float, default 1e-8): added to ``sqrt(v_hat)``.
     """
@@ -387,6 +426,9 @@ class AdamSLS(_ArmijoSLS):
         estimate_noise: bool = False,
         process_group: Any = None,
         backtracking: str = "geometric",
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         defaults = dict(
             init_step_size=init_step_size,
@@ -399,6 +441,7 @@ class AdamSLS(_ArmijoSLS):
             max_backtracks=max_backtracks,
             on_failure=on_failure,
             backtracking=backtracking,
+            weight_decay=weight_decay,
         )
         super().__init__(
             params,
@@ -408,6 +451,8 @@ class AdamSLS(_ArmijoSLS):
             armijo=armijo,
             estimate_noise=estimate_noise,
             process_group=process_group,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
 
     def _needs(self) -> tuple[bool, bool, bool]:
@@ -497,6 +542,9 @@ class PLASLS(AdamSLS):
         joint_check: bool = False,
         trial_point: str = "w0",
         backtracking: str = "geometric",
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        loss_scale: str | float | None = None,
     ):
         _finite_at_least("merge_threshold", merge_threshold, 0.0)
         _choice("schedule", schedule, ("cyclic", "random"))
@@ -540,6 +588,9 @@ class PLASLS(AdamSLS):
             estimate_noise=estimate_noise,
             process_group=process_group,
             backtracking=backtracking,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale,
         )
         self.components = [[i] for i in range(self.n_groups)]
 
