@@ -212,7 +212,8 @@ class SaLSa(LineSearchOptimizer):
             st["G"] = a * st["G"] + (1.0 - a) * s
             st["s_now"] = s
             search = f0 >= _GATE and st["G"] >= _GATE
-        if not search or eta0 == 0.0:
+        auto = g0["init_step_size"] == "auto" and eta_prev == 0.0  # the first search picks the step size
+        if not search or (eta0 == 0.0 and not auto):
             self._apply(dict.fromkeys(groups, eta0), "dm")
             return SearchResult("skipped", eta0, 0, None, "cap" if search else None), (), None
         G, D_prev, c = st["G"], st["D"], g0["c"]
@@ -229,6 +230,7 @@ class SaLSa(LineSearchOptimizer):
                         f'init_step_size="auto" needs a positive loss, but the loss is {f0!r}; starting from 1.0',
                         stacklevel=4,
                     )
+            eta0 = min(self._capped(i, eta0) for i in groups)
         accepted_D = []
 
         def decrease(eta: float, ft: float) -> bool:
