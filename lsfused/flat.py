@@ -70,18 +70,23 @@ class FlatBucket:
         n = self.offsets[-1]
         self.w = torch.empty(n, dtype=self.dtype, device=self.device)
         self.g = torch.zeros(n, dtype=self.dtype, device=self.device)
+        # The grad views handed out as p.grad, kept so that a step can tell by identity that nothing replaced them.
+        self._gviews: list[Tensor] = []
         for p, t, a, b in zip(self.params, locals_, self.offsets[:-1], self.offsets[1:], strict=True):
             self.w[a:b].copy_(t.reshape(-1))
             if not self.sharded:
                 existing = p.grad
                 p.data = self.w[a:b].view(p.shape)
+                self._gviews.append(self.g[a:b].view(p.shape))
                 if existing is None or (existing.layout == torch.strided and existing.shape == p.shape):
                     if existing is not None:  # a gradient computed before the optimizer was built is kept
                         self.g[a:b].copy_(existing.reshape(-1))
-                    p.grad = self.g[a:b].view(p.shape)
+                    p.grad = self._gviews[-1]
                 else:  # kept as it is: check_grads refuses it, with the reason, at the first step
                     p.grad = existing
         self._ptrs = [local(p).data_ptr() for p in self.params]
+        self._device_index = self.w.get_device()
+        self._grads_are_views = False  # set by check_grads when every p.grad is its view, used by gather_grads
         self.w0 = torch.empty(n, dtype=sdt, device=self.device)
         self.d = torch.empty(n, dtype=sdt, device=self.device)
         self.v = torch.zeros(n, dtype=sdt, device=self.device) if self.with_second_moment else None
@@ -120,6 +125,14 @@ class FlatBucket:
 
     def check_params(self) -> None:
         """Raise if a parameter no longer lives in the flat buffer (``model.to(...)``, ``p.data = ...``)."""
+        if not self.sharded:
+            # Every step runs this: one cheap pass over pointer, dtype and device index (no torch.device objects).
+            dt, dev = self.dtype, self._device_index
+            if all(
+                p.data_ptr() == ptr and p.dtype is dt and p.get_device() == dev
+                for p, ptr in zip(self.params, self._ptrs, strict=True)
+            ):
+                return
         for p, ptr in zip(self.params, self._ptrs, strict=True):
             t = local(p)
             if t.data_ptr() != ptr or t.device != self.device or t.dtype != self.dtype:
@@ -131,6 +144,13 @@ class FlatBucket:
 
     def check_grads(self) -> None:
         """Validate user-visible grads before anything is copied or changed."""
+        # Usual case: backward accumulated into the views handed out, so every p.grad is still its view (identity):
+        # valid by construction, and gather_grads has nothing to do.
+        self._grads_are_views = not self.sharded and all(
+            p.grad is v for p, v in zip(self.params, self._gviews, strict=True)
+        )
+        if self._grads_are_views:
+            return
         for p in self.params:
             gr = p.grad
             if gr is None:
@@ -149,6 +169,9 @@ class FlatBucket:
 
         Afterwards every ``p.grad`` is again a view into the flat buffer.
         """
+        if self._grads_are_views:  # check_grads just found every p.grad to be its view
+            self._grads_are_views = False
+            return
         for i, p in enumerate(self.params):
             view = self.views(self.g, i)
             gr = p.grad
@@ -157,13 +180,18 @@ class FlatBucket:
             elif self.sharded:
                 view.copy_(gr.to_local())
                 continue
+            elif gr is self._gviews[i]:
+                continue
             elif gr.data_ptr() != view.data_ptr() or gr.stride() != view.stride():
                 view.copy_(gr)
-            else:
-                continue
-            p.grad = view
+            p.grad = self._gviews[i]
 
     def zero_grad(self) -> None:
         self.g.zero_()
-        for i, p in enumerate(self.params):
-            p.grad = None if self.sharded else self.views(self.g, i)
+        if self.sharded:
+            for p in self.params:
+                p.grad = None
+            return
+        for p, v in zip(self.params, self._gviews, strict=True):
+            if p.grad is not v:
+                p.grad = v
