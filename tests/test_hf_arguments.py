@@ -8,6 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the demo extra (transformers) is not installed")
 
+from test_hf import args as hf_args  # noqa: E402
+
 import lsfused  # noqa: E402
 from lsfused.integrations.hf import LineSearchTrainer  # noqa: E402
 
@@ -36,20 +38,8 @@ def dataset(n=32):
 
 
 def train(tmp_path, optimizer_kwargs=None, cls=lsfused.AdamSLS, steps=3, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-    )
-    args = transformers.TrainingArguments(**(base | kw))
+    kw = {"max_steps": steps, "lr_scheduler_type": "constant", "max_grad_norm": 0.0} | kw
+    args = hf_args(tmp_path, **kw)
     model = tiny_bert()
     trainer = LineSearchTrainer(
         model=model, args=args, train_dataset=dataset(), optimizer_cls=cls, optimizer_kwargs=optimizer_kwargs

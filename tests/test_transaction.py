@@ -98,13 +98,18 @@ def test_exception_inside_a_trial_leaves_w0_and_consistent_state(name, call, exc
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_exception_at_the_first_call_changes_nothing(name):
+def stepped(name):
+    """A model and optimizer after one step, a batch, and a snapshot of both."""
     model = mlp()
     opt = CONFIGS[name](model)
     x, y = batches(1)[0]
     opt.step(closure_for(model, x, y))
-    before = snapshot(model, opt)
+    return model, opt, x, y, snapshot(model, opt)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_exception_at_the_first_call_changes_nothing(name):
+    model, opt, x, y, before = stepped(name)
     record = opt.last_step
     with pytest.raises(KeyboardInterrupt):
         opt.step(raising_at(closure_for(model, x, y), 1, KeyboardInterrupt))
@@ -245,11 +250,7 @@ def lightning_style(model, x, y):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_closure_calling_backward_is_refused_and_changes_nothing(name):
-    model = mlp()
-    opt = CONFIGS[name](model)
-    x, y = batches(1)[0]
-    opt.step(closure_for(model, x, y))
-    before = snapshot(model, opt)
+    model, opt, x, y, before = stepped(name)
     with pytest.raises(ValueError, match=r"the closure called backward\(\).*without calling backward"):
         opt.step(lightning_style(model, x, y))
     assert_same(before, snapshot(model, opt))
