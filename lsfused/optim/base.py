@@ -203,6 +203,11 @@ _SCALER_INIT, _SCALER_GROWTH, _SCALER_BACKOFF, _SCALER_INTERVAL = 2.0**16, 2.0, 
 _CLIP_EPS = 1e-6
 
 
+def _refuse_nonfinite(f0: float) -> None:
+    if not math.isfinite(f0):
+        raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+
+
 def _betas(value: Any) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
@@ -738,8 +743,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         the optimizer computes the loss itself. Changes no optimizer state."""
         if loss is None:
             loss, f0 = self._call(run, "at the starting point", grad=True)
-            if not math.isfinite(f0):
-                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+            _refuse_nonfinite(f0)
             if not loss.requires_grad:
                 raise ValueError(
                     "the closure's loss does not require grad: compute it from the parameters with grad enabled, and "
@@ -754,14 +758,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     (loss.float() * self._scaler["scale"]).backward()
             return loss, f0
         f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
-        if not math.isfinite(f0):
-            raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+        _refuse_nonfinite(f0)
         if self.deterministic_closure and self._rng_step != self._step_count:
             # The caller's forward ran under other random numbers (dropout) than the trials will: compare the trials
             # with f(w0) evaluated under the step's seed, not with the caller's loss.
             f0 = self._call(run, "at the starting point (re-evaluated under the step's seed)")[1]
-            if not math.isfinite(f0):
-                raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
+            _refuse_nonfinite(f0)
         return loss, f0
 
     @torch.no_grad()
@@ -792,10 +794,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
               decoupled weight decay applied when ``weight_decay > 0``), the step sizes and the line-search state
               (PLASLS components, cursor and merges, SaLSa's smoothing state) return to their values before the
               step, the moments keep this step's gradient (as after a skipped step) and the step counter advances
-              with them; ``last_step``
-              records the step with outcome ``"interrupted"`` (``reason`` names the exception); then the exception
-              is re-raised. Training can simply continue with the next ``step()``. Under ``torch.distributed`` a
-              closure that raises on one rank makes every rank raise at the same call and end the step this way.
+              with them; ``last_step`` records the step with outcome ``"interrupted"`` (``reason`` names the
+              exception); then the exception is re-raised. Training can simply continue with the next
+              ``step()``. Under ``torch.distributed`` a closure that raises on one rank makes every rank raise at the
+              same call and end the step this way.
         """
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step() requires a closure that returns the loss")
