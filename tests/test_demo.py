@@ -116,3 +116,26 @@ def test_multi_seed_cli_run_with_curves(capsys, tmp_path):
     assert curve[-1][2] == results[0].test_accuracy
     path = compare.plot(results, tmp_path / "f.png", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wall_ratio_and_time_to_the_reference_loss():
+    def run(name, seed, losses, wall, times):
+        return compare.RunResult(name, seed, 9.0, 0.1, 0.5, 4, 8, 4, wall, losses=losses, times=times)
+
+    # adam's last running means: (3+1+2+2)/4 = 2 and 4: the target is their mean, 3.
+    runs = [
+        run("adam", 0, [3.0, 1.0, 2.0, 2.0], 4.0, [1.0, 2.0, 3.0, 4.0]),
+        run("adam", 1, [4.0] * 4, 4.0, [1.0, 2.0, 3.0, 4.0]),
+        run("x", 0, [5.0, 1.0, 1.0, 1.0], 10.0, [2.5, 5.0, 7.5, 10.0]),  # running means 5, 3 (reached at 5 s), ...
+        run("x", 1, [6.0] * 4, 10.0, [2.5, 5.0, 7.5, 10.0]),  # never
+    ]
+    adam, x = compare.aggregate(runs)
+    assert adam.wall_ratio == 1.0 and x.wall_ratio == 2.5
+    assert adam.to_reference == (1.0, 1) and x.to_reference == (5.0, 1)
+    assert compare.time_to_loss(runs[3], 3.0) is None and compare.time_to_loss(runs[3], 6.0) == 2.5
+    table = compare.format_table([adam, x])
+    assert "x adam" in table and "2.50x" in table and "5.0 (1/2)" in table
+    # without the reference (or without per-step times) the columns are left out
+    rows = compare.aggregate(runs[2:])
+    assert rows[0].wall_ratio is None and rows[0].to_reference is None
+    assert "x adam" not in compare.format_table(rows)

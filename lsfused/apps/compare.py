@@ -22,7 +22,8 @@ class RunResult:
 
     ``forwards`` counts closure calls (forward passes: the gradient's and every trial's), ``backwards`` backward
     passes; ``wall_s`` is the training time without the evaluations; ``curve`` holds ``(wall_s, forwards, test
-    accuracy)`` at every evaluation (the first before training).
+    accuracy)`` at every evaluation (the first before training); ``times`` the training wall time at the end of
+    every step.
     """
 
     name: str
@@ -39,6 +40,7 @@ class RunResult:
     step_sizes: list[list[float]] = field(default_factory=list)
     curve: list[tuple[float, int, float]] = field(default_factory=list)
     lr: float | None = None
+    times: list[float] = field(default_factory=list)
 
     @property
     def closure_calls_per_step(self) -> float:
@@ -63,7 +65,12 @@ def optimizer_step(opt: torch.optim.Optimizer, scheduler, closure) -> tuple[floa
 
 @dataclass
 class Row:
-    """Mean and sample standard deviation (0 for one seed) over the seeds of one optimizer."""
+    """Mean and sample standard deviation (0 for one seed) over the seeds of one optimizer.
+
+    With a reference row (``"adam"``) in the comparison: ``wall_ratio`` is the mean training wall time over the
+    reference's (the runs have the same number of steps, so it is the per-step ratio), and ``to_reference`` the mean
+    wall time to reach the reference's final training loss and on how many seeds it was reached (see
+    :func:`time_to_loss`)."""
 
     name: str
     seeds: int
@@ -73,6 +80,8 @@ class Row:
     wall_s: tuple[float, float]
     optimizer_share: tuple[float, float] | None
     note: str = ""
+    wall_ratio: float | None = None
+    to_reference: tuple[float, int] | None = None
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -80,16 +89,45 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(results: Sequence[RunResult], notes: dict[str, str] | None = None) -> list[Row]:
-    """One row per optimizer name (in first-seen order): mean and spread over its runs."""
+SMOOTHING = 8
+"""Batch losses are averaged over this many steps before comparing them (the figure's moving average too)."""
+
+
+def smoothed(losses: Sequence[float], window: int = SMOOTHING) -> list[float]:
+    """Trailing moving average of the per-step batch losses."""
+    return [statistics.fmean(losses[max(0, k - window + 1) : k + 1]) for k in range(len(losses))]
+
+
+def time_to_loss(run: RunResult, target: float) -> float | None:
+    """Training wall time at the first step whose smoothed batch loss is at or below ``target`` (None: never)."""
+    for k, loss in enumerate(smoothed(run.losses)):
+        if loss <= target:
+            return run.times[k]
+    return None
+
+
+def aggregate(results: Sequence[RunResult], notes: dict[str, str] | None = None, reference: str = "adam") -> list[Row]:
+    """One row per optimizer name (in first-seen order): mean and spread over its runs.
+
+    When ``reference`` is among the names, every row also gets its wall time relative to the reference's and the
+    time to reach the reference's final training loss (the mean over its seeds of the last smoothed batch loss; the
+    same measure on both sides, since the full training-set loss is only known at the end)."""
     by_name: dict[str, list[RunResult]] = {}
     for r in results:
         by_name.setdefault(r.name, []).append(r)
+    ref = by_name.get(reference)
+    target = statistics.fmean(smoothed(r.losses)[-1] for r in ref) if ref and all(r.losses for r in ref) else None
     rows = []
     for name, runs in by_name.items():
         share = None
         if all(r.optimizer_share is not None for r in runs):
             share = _mean_sd([r.optimizer_share for r in runs])
+        ratio = to_ref = None
+        if ref:
+            ratio = statistics.fmean(r.wall_s for r in runs) / max(statistics.fmean(r.wall_s for r in ref), 1e-12)
+        if target is not None and all(len(r.times) == len(r.losses) > 0 for r in runs):
+            reached = [t for t in (time_to_loss(r, target) for r in runs) if t is not None]
+            to_ref = (statistics.fmean(reached) if reached else math.nan, len(reached))
         rows.append(
             Row(
                 name,
@@ -100,6 +138,8 @@ def aggregate(results: Sequence[RunResult], notes: dict[str, str] | None = None)
                 _mean_sd([r.wall_s for r in runs]),
                 share,
                 (notes or {}).get(name, ""),
+                ratio,
+                to_ref,
             )
         )
     return rows
@@ -117,12 +157,17 @@ def select_lr(sweep: dict[float, Sequence[RunResult]]) -> float:
     return min(sweep, key=key)
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """Mean ± sample standard deviation over seeds; the optimizer's share of the time when every row has it."""
+def format_table(rows: Sequence[Row], reference: str = "adam") -> str:
+    """Mean ± sample standard deviation over seeds; the optimizer's share of the time when every row has it; wall
+    time relative to the reference and time to its final loss when the rows have them."""
     share = all(r.optimizer_share is not None for r in rows)
+    ratio = all(r.wall_ratio is not None for r in rows)
+    to_ref = all(r.to_reference is not None for r in rows)
     width = max([len(r.name) for r in rows] + [9])
     header = f"{'optimizer':<{width}} {'seeds':>5} {'train loss':>17} {'test acc':>17} {'calls/step':>10}"
     header += f" {'wall s':>13}"
+    header += f" {'x ' + reference:>7}" if ratio else ""
+    header += f" {'s to ' + reference + ' loss':>17}" if to_ref else ""
     header += f" {'opt. share':>10}" if share else ""
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -131,6 +176,10 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{r.test_accuracy[0]:>8.4f} ± {r.test_accuracy[1]:<6.4f} {r.calls_per_step[0]:>10.2f} "
             f"{r.wall_s[0]:>6.1f} ± {r.wall_s[1]:<4.1f}"
         )
+        line += f" {r.wall_ratio:>6.2f}x" if ratio else ""
+        if to_ref:
+            t, n = r.to_reference
+            line += f" {(f'{t:.1f}' if n else '-') + f' ({n}/{r.seeds})':>17}"
         line += f" {r.optimizer_share[0]:>10.1%}" if share else ""
         lines.append(line + (f"  {r.note}" if r.note else ""))
     return "\n".join(lines)
@@ -231,9 +280,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> Path:
         color = cycle[i % len(cycle)]
         n = min(len(r.losses) for r in runs)
         mean = [statistics.fmean(r.losses[k] for r in runs) for k in range(n)]
-        window = 8
-        smooth = [statistics.fmean(mean[max(0, k - window + 1) : k + 1]) for k in range(n)]
-        ax_loss.plot(smooth, color=color, label=f"{name} ({len(runs)} seeds)")
+        ax_loss.plot(smoothed(mean), color=color, label=f"{name} ({len(runs)} seeds)")
         first = runs[0]
         n_comp = len(first.step_sizes[0]) if first.step_sizes else 0
         for c in range(n_comp):
@@ -247,7 +294,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> Path:
             acc = [statistics.fmean(r.curve[k][2] for r in runs) for k in range(points)]
             ax_time.plot(wall, acc, marker="o", ms=3, color=color, label=name)
             ax_fwd.plot(fwd, acc, marker="o", ms=3, color=color, label=name)
-    ax_loss.set(xlabel="step", ylabel="training loss (batch, mean over seeds, moving average of 8)")
+    ax_loss.set(xlabel="step", ylabel=f"training loss (batch, mean over seeds, moving average of {SMOOTHING})")
     ax_eta.set(xlabel="step", ylabel="step size / learning rate (first seed)", yscale="log")
     ax_time.set(xlabel="training wall time, s (evaluations excluded)", ylabel="test accuracy (mean over seeds)")
     ax_fwd.set(xlabel="forward passes (closure calls)", ylabel="test accuracy (mean over seeds)")

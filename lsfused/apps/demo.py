@@ -85,7 +85,7 @@ def train(
     curve = [(0.0, 0, accuracy())] if evaluations else []
     gen = torch.Generator().manual_seed(seed + 1)
     bar = _progress(epochs * n_batches, name) if progress else None
-    losses, step_sizes, forwards, steps, wall = [], [], 0, 0, 0.0
+    losses, step_sizes, times, forwards, steps, wall = [], [], [], 0, 0, 0.0
     for epoch in range(epochs):
         perm = torch.randperm(len(xtr), generator=gen)
         start = time.perf_counter()
@@ -101,6 +101,7 @@ def train(
             step_sizes.append(sizes)
             losses.append(loss)
             steps += 1
+            times.append(wall + time.perf_counter() - start)
             if bar is not None:
                 bar.set_postfix({"loss": f"{loss:.4f}", "eta": f"{min(sizes):.2e}", "calls": calls}, refresh=False)
                 bar.update()
@@ -112,8 +113,9 @@ def train(
     with torch.no_grad():
         train_loss = float(loss_fn(model(xtr), ytr))
     return compare.RunResult(
-        name, seed, initial, train_loss, accuracy(), steps, forwards, steps, wall, None, losses, step_sizes, curve
-    )
+        name, seed, initial, train_loss, accuracy(), steps, forwards, steps, wall, None, losses, step_sizes, curve,
+        times=times,
+    )  # fmt: skip
 
 
 def run_digits(

@@ -124,7 +124,7 @@ def finetune(
         backward["spent"] += time.perf_counter() - backward["start"]
 
     hook = model.get_input_embeddings().weight.register_post_accumulate_grad_hook(backward_ended)
-    losses, sizes, forwards, steps = [], [], 0, 0
+    losses, sizes, times, forwards, steps = [], [], [], 0, 0
     opt_time, wall = 0.0, 0.0
     while steps < total:
         perm = torch.randperm(len(data.train_texts), generator=gen).tolist()
@@ -149,6 +149,7 @@ def finetune(
             loss, calls, step_sizes = compare.optimizer_step(opt, scheduler, closure)
             elapsed = time.perf_counter() - t0
             wall += elapsed
+            times.append(wall)
             opt_time += elapsed - spent[0] - backward["spent"]
             forwards += calls
             sizes.append(step_sizes)
@@ -167,7 +168,7 @@ def finetune(
     _, accuracy = evaluate(model, tokenizer, data.test_texts, data.test_labels, max_length)
     return compare.RunResult(
         name, seed, initial_loss, final_loss, accuracy, steps, forwards, steps, wall, opt_time / max(wall, 1e-12),
-        losses, sizes, curve,
+        losses, sizes, curve, times=times,
     )  # fmt: skip
 
 
