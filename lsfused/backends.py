@@ -76,11 +76,16 @@ class Backend:
             self._module = _ops.implementation(self.name)
         return self._module
 
-    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int) -> Tensor:
+    def direction_and_norms(
+        self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int, eta=None, trial_dm: bool = False
+    ) -> Tensor:
+        """Pass A; with ``eta`` (float64 per range, NaN: no trial there) fused with the first trial."""
         impl = self._impl()
         if impl is not None:
-            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode)
-        return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
+            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm)
+        if eta is None:
+            return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
+        return _ops.direction_norms_trial(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, self.name)
 
     def trial_step(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
         impl = self._impl()
