@@ -1,7 +1,8 @@
 """The optimizers with the first trial fused into Pass A against the unfused sequence (Pass A, then a Pass B per
 trial): every decision, step size, parameter and state tensor bit for bit, on every backend and parameter dtype,
 through backtracking, failures, PLASLS component search (cyclic, random, joint check), SaLSa (weight decay,
-speed-up skips, momentum direction) and the noise-aware test's absorbed counts.
+speed-up skips, momentum direction, the authors' bias correction), the step-size cap, ``init_step_size="auto"``,
+interpolating backtracking, PLASLS's sequential trial point and the noise-aware test's absorbed counts.
 
 The unfused sequence is today's optimizer with ``_fuse_first_trial = False``, so Pass A writes no trial and the
 first ``_apply`` runs Pass B: what every optimizer did before the fusion.
@@ -18,8 +19,21 @@ BACKENDS = [b for b in ("torch", "cpp", "triton") if b in lsfused.available_back
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
+
+def capped(opt, lr):
+    """A step-size cap, as an LR scheduler sets it (``group["lr"]``)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return opt
+
+
 CONFIGS = {
-    "adamsls": lambda model, b: lsfused.AdamSLS(model.parameters(), init_step_size=3.0, backend=b),
+    "adamsls": lambda model, b: lsfused.AdamSLS(model.parameters(), init_step_size=3.0, betas=(0.0, 0.999), backend=b),
+    "adamsls_default": lambda model, b: lsfused.AdamSLS(model.parameters(), init_step_size=3.0, backend=b),
+    "adamsls_interpolate_cap": lambda model, b: capped(
+        lsfused.AdamSLS(model.parameters(), 30.0, betas=(0.0, 0.999), backtracking="interpolate", backend=b), 3.0
+    ),
+    "adamsls_auto": lambda model, b: lsfused.AdamSLS(model.parameters(), init_step_size="auto", backend=b),
     "adamsls_momentum": lambda model, b: lsfused.AdamSLS(
         model.parameters(), init_step_size=3.0, betas=(0.9, 0.999), backend=b
     ),
@@ -37,7 +51,13 @@ CONFIGS = {
         merge_threshold=1e-3,
         backend=b,
     ),
+    "plasls_sequential": lambda model, b: lsfused.PLASLS(
+        lsfused.components.by_layers(model, 2), init_step_size=3.0, trial_point="sequential", backend=b
+    ),
     "salsa": lambda model, b: lsfused.SaLSa(model.parameters(), weight_decay=0.01, backend=b),
+    "salsa_authors_interpolate_cap": lambda model, b: capped(
+        lsfused.SaLSa(model.parameters(), bias_correction="authors", backtracking="interpolate", backend=b), 2.0
+    ),
     "salsa_momentum_direction": lambda model, b: lsfused.SaLSa(
         model.parameters(), use_momentum_direction=True, init_step_size=5.0, backend=b
     ),
@@ -106,7 +126,7 @@ def test_fused_first_trial_changes_nothing_but_the_passes(name, backend, dtype, 
 def test_the_first_trial_runs_no_pass_b(monkeypatch):
     """An accepted first trial without momentum: one Pass A, no Pass B at all."""
     model = mlp()
-    opt = lsfused.AdamSLS(model.parameters(), init_step_size=1e-4)
+    opt = lsfused.AdamSLS(model.parameters(), init_step_size=1e-4, betas=(0.0, 0.999))
     opt._ops = counter = Counting(opt._ops)
     x, y = batches(1)[0]
     for _ in range(3):

@@ -911,6 +911,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 self._recorder.begin_step(self, f0, sums)
             self._decrease_ratio = 0.0
             result, searched, merged = self._search(run, f0, sums)
+            if self._pending is not None:  # a search that never moved w assumed it at w0: not at Pass A's trial
+                self._restore()
         except BaseException as err:
             with _sigint_deferred():
                 self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
@@ -941,7 +943,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> None:
         """End a step that raised after Pass A started: parameters back at ``w0``, step sizes and line-search state
         as before the step, moments (already updated by Pass A) kept, the step counted and recorded."""
-        if pass_a_done:  # a trial (the first one written by Pass A) may have moved w; a failed Pass A restored it
+        # A trial may have moved w, the first one inside Pass A (pending: Pass A finished, e.g. a held Ctrl-C raised
+        # on leaving it); a Pass A that raised restored what it wrote itself.
+        if pass_a_done or self._pending is not None:
             self._restore()
         step_sizes, extra = before
         for group, eta in zip(self.param_groups, step_sizes, strict=True):
