@@ -21,6 +21,7 @@ IMPLEMENTATIONS = {
     "torch": "lsfused.reference",
     "triton": "lsfused.kernels.triton_ops",
     "cpp": "lsfused.kernels.cpp_ops",
+    "torch-fast": "lsfused.kernels.torch_fast",
 }
 
 
