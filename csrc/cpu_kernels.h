@@ -11,15 +11,18 @@ namespace lsfused {
 
 enum class DType : int { kF32, kF64, kF16, kBF16 };
 
-// One row of reference.HP_COLUMNS, as given (float64); kernels round to the state dtype.
+// One row of reference.HP_COLUMNS, as given (float64); kernels round to the state dtype. trial: the fused first
+// trial of this range (0: none, 1: w = w0 + eta*d, 2: w = w0 + eta*dm), eta rounded to the state dtype.
 struct Hp {
   double b1, b2, eps, bc1, sqrt_bc2, wd_scale;
+  double eta = 0.0;
+  int trial = 0;
 };
 
 // Base pointers of the flat buffers of one bucket (g, w in the param dtype; the rest in the state dtype).
 struct PassAPtrs {
   const void* g;
-  const void* w;
+  void* w;  // written only by a fused first trial
   void* w0;
   void* d;
   void* v;   // null for SGD
@@ -29,7 +32,8 @@ struct PassAPtrs {
 
 struct KernelTable {
   const char* isa;
-  // Pass A over elements [begin, begin + n); writes the 5 float64 sums of reference.NORM_COLUMNS to out.
+  // Pass A over elements [begin, begin + n); writes the 5 float64 sums of reference.NORM_COLUMNS to out, and the
+  // first trial point into w when hp.trial says so.
   // stream: use non-temporal stores for write-only outputs where aligned (for buffers larger than the caches).
   void (*pass_a)(DType, int mode, const PassAPtrs&, int64_t begin, int64_t n, const Hp&, double* out, bool stream);
   // Pass B: w = w0 + eta*d over [begin, begin + n), eta rounded to the state dtype.

@@ -302,13 +302,16 @@ LSF_INLINE void stream_fence() {
 }
 
 // ---------------------------------------------------------------- Pass A
-// NT: stream the write-only outputs w0, d, dm (large buffers: nothing to gain from caching them).
-template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT>
+// NT: stream the write-only outputs w0, d, dm (and w with a trial; large buffers: nothing to gain from caching them).
+// TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm, from the values just stored (the op
+// order of trial_step_t, so bit-identical to Pass A followed by Pass B).
+template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT, int TRIAL>
 void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   using S = typename Param<P>::S;
   using V = typename Param<P>::V;
+  static_assert(TRIAL != 2 || HAS_DM, "a trial along dm needs dm");
   const P* g = static_cast<const P*>(ptr.g) + begin;
-  const P* w = static_cast<const P*>(ptr.w) + begin;
+  P* w = static_cast<P*>(ptr.w) + begin;
   S* w0 = static_cast<S*>(ptr.w0) + begin;
   S* d = static_cast<S*>(ptr.d) + begin;
   S* v = ADAM ? static_cast<S*>(ptr.v) + begin : nullptr;
@@ -316,16 +319,17 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
   S* dm = HAS_DM ? static_cast<S*>(ptr.dm) + begin : nullptr;
   // Hyperparameters rounded to the state dtype, as the reference's scalar operands are (1-b computed in float64).
   const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
-  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale);
+  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale), eta = S(hp.eta);
   D acc_s = {}, acc_gg = {}, acc_gd = {}, acc_dd = {}, acc_gdm = {};
 
   auto block = [&](int64_t i, int cnt) __attribute__((always_inline)) {
     const V gs = load_n(g + i, cnt);
     // w*1 == w bit for bit, so wd_scale == 1 needs no separate path.
-    store_n<NT>(w0 + i, load_n(w + i, cnt) * wd, cnt);
+    const V w0v = load_n(w + i, cnt) * wd;
+    store_n<NT>(w0 + i, w0v, cnt);
     const D g64 = to_f64(gs);
     D s, gdm = {};
-    V dv;
+    V dv, dmv_kept;
     if constexpr (ADAM) {
       V vv = load_n(v + i, cnt);
       vv = vv * b2 + (gs * omb2) * gs;
@@ -341,6 +345,7 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
       if constexpr (HAS_DM) {
         const V dmv = -((src / bc1) / denom);
         store_n<NT>(dm + i, dmv, cnt);
+        dmv_kept = dmv;
         gdm = g64 * to_f64(dmv);
       }
     } else {
@@ -348,6 +353,8 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
       s = g64 * g64;
     }
     store_n<NT>(d + i, dv, cnt);
+    if constexpr (TRIAL == 1) store_n<NT>(w + i, w0v + eta * dv, cnt);
+    if constexpr (TRIAL == 2) store_n<NT>(w + i, w0v + eta * dmv_kept, cnt);
     const D d64 = to_f64(dv);
     D gg = g64 * g64, gd = g64 * d64, dd = d64 * d64;
     if (cnt < kLanes) {  // padding lanes may hold 0/0: keep them out of the sums
@@ -375,30 +382,41 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
   if (NT) stream_fence();
 }
 
-template <class P, bool NT>
-void pass_a_mode(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
-  if (mode == 0) return pass_a<P, false, false, false, NT>(ptr, begin, n, hp, out);
+// Adam's Pass A is divider-bound: only SGD's streams (see ops.cpp), so Adam is instantiated without NT.
+template <class P, int TRIAL>
+void pass_a_adam(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   const int key = (ptr.m != nullptr) * 2 + (ptr.dm != nullptr);
   switch (key) {
     case 0:
-      return pass_a<P, true, false, false, NT>(ptr, begin, n, hp, out);
+      if constexpr (TRIAL != 2) return pass_a<P, true, false, false, false, TRIAL>(ptr, begin, n, hp, out);
+      break;
     case 1:
-      return pass_a<P, true, false, true, NT>(ptr, begin, n, hp, out);
+      return pass_a<P, true, false, true, false, TRIAL>(ptr, begin, n, hp, out);
     case 2:
-      return pass_a<P, true, true, false, NT>(ptr, begin, n, hp, out);
+      if constexpr (TRIAL != 2) return pass_a<P, true, true, false, false, TRIAL>(ptr, begin, n, hp, out);
+      break;
     default:
-      return pass_a<P, true, true, true, NT>(ptr, begin, n, hp, out);
+      return pass_a<P, true, true, true, false, TRIAL>(ptr, begin, n, hp, out);
   }
 }
 
 template <class P>
 void pass_a_nt(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out, bool nt) {
   using S = typename Param<P>::S;
-  const auto at = [&](void* p) { return p == nullptr ? nullptr : static_cast<S*>(p) + begin; };
-  if (nt && streamable(at(ptr.w0)) && streamable(at(ptr.d)) && streamable(at(ptr.dm))) {
-    return pass_a_mode<P, true>(mode, ptr, begin, n, hp, out);
+  if (mode == 0) {  // SGD: no trial along dm (there is no dm)
+    const bool trial = hp.trial == 1;
+    if (nt && streamable(static_cast<S*>(ptr.w0) + begin) && streamable(static_cast<S*>(ptr.d) + begin) &&
+        (!trial || streamable(static_cast<P*>(ptr.w) + begin))) {
+      if (trial) return pass_a<P, false, false, false, true, 1>(ptr, begin, n, hp, out);
+      return pass_a<P, false, false, false, true, 0>(ptr, begin, n, hp, out);
+    }
+    if (trial) return pass_a<P, false, false, false, false, 1>(ptr, begin, n, hp, out);
+    return pass_a<P, false, false, false, false, 0>(ptr, begin, n, hp, out);
   }
-  pass_a_mode<P, false>(mode, ptr, begin, n, hp, out);
+  // The launcher checked that a trial along dm has dm.
+  if (hp.trial == 1) return pass_a_adam<P, 1>(ptr, begin, n, hp, out);
+  if (hp.trial == 2) return pass_a_adam<P, 2>(ptr, begin, n, hp, out);
+  pass_a_adam<P, 0>(ptr, begin, n, hp, out);
 }
 
 // ---------------------------------------------------------------- Pass B and restore

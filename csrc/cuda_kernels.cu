@@ -50,13 +50,17 @@ __device__ double block_sum(double x, double* shared) {
   return total;
 }
 
-template <class P, class S, bool ADAM, bool HAS_M, bool HAS_DM>
-__global__ void pass_a_kernel(const P* __restrict__ g, const P* __restrict__ w, S* __restrict__ w0,
-                              S* __restrict__ d, S* __restrict__ v, S* __restrict__ m, S* __restrict__ dm,
-                              int64_t start, int64_t n, HpArgs hp, double* __restrict__ part) {
+// TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm (the op order of trial_step_kernel),
+// skipped when *eta is NaN (read on the device: no host sync).
+template <class P, class S, bool ADAM, bool HAS_M, bool HAS_DM, int TRIAL>
+__global__ void pass_a_kernel(const P* __restrict__ g, P* __restrict__ w, S* __restrict__ w0, S* __restrict__ d,
+                              S* __restrict__ v, S* __restrict__ m, S* __restrict__ dm, int64_t start, int64_t n,
+                              HpArgs hp, const double* __restrict__ eta, double* __restrict__ part) {
   __shared__ double shared[kThreads];
   const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
   const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale);
+  const bool trial = TRIAL != 0 && !isnan(*eta);
+  const S eta_s = TRIAL != 0 ? static_cast<S>(*eta) : S(0);
   double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems + threadIdx.x;
 #pragma unroll
@@ -65,10 +69,11 @@ __global__ void pass_a_kernel(const P* __restrict__ g, const P* __restrict__ w, 
     if (local >= n) break;
     const int64_t i = start + local;
     const S gs = static_cast<S>(g[i]);
-    w0[i] = mul(static_cast<S>(w[i]), wd);  // w*1 == w bit for bit
+    const S w0v = mul(static_cast<S>(w[i]), wd);  // w*1 == w bit for bit
+    w0[i] = w0v;
     const double g64 = static_cast<double>(gs);
     double s, gdm = 0.0;
-    S dv;
+    S dv, dmv_kept = S(0);
     if constexpr (ADAM) {
       const S vv = add(mul(v[i], b2), mul(mul(gs, omb2), gs));
       v[i] = vv;
@@ -83,6 +88,7 @@ __global__ void pass_a_kernel(const P* __restrict__ g, const P* __restrict__ w, 
       if constexpr (HAS_DM) {
         const S dmv = -div(div(src, bc1), denom);
         dm[i] = dmv;
+        dmv_kept = dmv;
         gdm = __dmul_rn(g64, static_cast<double>(dmv));
       }
     } else {
@@ -90,6 +96,7 @@ __global__ void pass_a_kernel(const P* __restrict__ g, const P* __restrict__ w, 
       s = __dmul_rn(g64, g64);
     }
     d[i] = dv;
+    if (TRIAL != 0 && trial) w[i] = static_cast<P>(add(w0v, mul(eta_s, TRIAL == 2 ? dmv_kept : dv)));
     const double d64 = static_cast<double>(dv);
     acc[0] = __dadd_rn(acc[0], s);
     acc[1] = __dadd_rn(acc[1], __dmul_rn(g64, g64));
@@ -163,11 +170,16 @@ T* ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
 }
 
-at::Tensor direction_and_norms_cuda(const at::Tensor& g, const at::Tensor& w, at::Tensor& w0, at::Tensor& d,
+at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tensor& w0, at::Tensor& d,
                                     const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                                     const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
-                                    at::ArrayRef<double> hp, int64_t mode) {
-  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode);
+                                    at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
+                                    bool trial_dm) {
+  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
+  // The first trial's step sizes stay on the device (NaN: no trial on that range): no sync.
+  const std::optional<at::Tensor> eta64 =
+      eta.has_value() ? std::optional<at::Tensor>(eta->to(at::kDouble).contiguous()) : std::nullopt;
+  const int trial = eta.has_value() ? (trial_dm ? 2 : 1) : 0;
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_ranges = static_cast<int64_t>(ranges.size() / 2);
@@ -180,7 +192,7 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, const at::Tensor& w, at
     using P = std::remove_pointer_t<decltype(p_tag)>;
     using S = std::remove_pointer_t<decltype(s_tag)>;
     const P* gp = static_cast<const P*>(g.data_ptr());
-    const P* wp = static_cast<const P*>(w.data_ptr());
+    P* wp = static_cast<P*>(w.data_ptr());
     S *w0p = static_cast<S*>(w0.data_ptr()), *dp = static_cast<S*>(d.data_ptr());
     S *vp = adam ? ptr<S>(v) : nullptr, *mp = ptr<S>(m), *dmp = ptr<S>(dm);
     int64_t offset = 0;
@@ -191,20 +203,32 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, const at::Tensor& w, at
       const HpArgs h{row[0], row[1], row[2], row[3], row[4], row[5]};
       const unsigned blocks = blocks_for(n);
       double* pp = part.data_ptr<double>() + offset * kNormColumns;
+      const double* ep = eta64.has_value() ? eta64->data_ptr<double>() + r : nullptr;
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, w0p, dp, vp, mp, dmp, a, n, h, pp);
+        kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, w0p, dp, vp, mp, dmp, a, n, h, ep, pp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
+      // A trial along dm only where dm exists (check_pass_a refused the rest).
+      auto by_trial = [&](auto k0, auto k1, auto k2) {
+        if (trial == 0) return launch(k0);
+        if (trial == 1) return launch(k1);
+        launch(k2);
+      };
       if (!adam) {
-        launch(pass_a_kernel<P, S, false, false, false>);
+        by_trial(pass_a_kernel<P, S, false, false, false, 0>, pass_a_kernel<P, S, false, false, false, 1>,
+                 pass_a_kernel<P, S, false, false, false, 1>);
       } else if (has_m && has_dm) {
-        launch(pass_a_kernel<P, S, true, true, true>);
+        by_trial(pass_a_kernel<P, S, true, true, true, 0>, pass_a_kernel<P, S, true, true, true, 1>,
+                 pass_a_kernel<P, S, true, true, true, 2>);
       } else if (has_m) {
-        launch(pass_a_kernel<P, S, true, true, false>);
+        by_trial(pass_a_kernel<P, S, true, true, false, 0>, pass_a_kernel<P, S, true, true, false, 1>,
+                 pass_a_kernel<P, S, true, true, false, 1>);
       } else if (has_dm) {
-        launch(pass_a_kernel<P, S, true, false, true>);
+        by_trial(pass_a_kernel<P, S, true, false, true, 0>, pass_a_kernel<P, S, true, false, true, 1>,
+                 pass_a_kernel<P, S, true, false, true, 2>);
       } else {
-        launch(pass_a_kernel<P, S, true, false, false>);
+        by_trial(pass_a_kernel<P, S, true, false, false, 0>, pass_a_kernel<P, S, true, false, false, 1>,
+                 pass_a_kernel<P, S, true, false, false, 1>);
       }
       finish_sums_kernel<<<1, kThreads, 0, stream>>>(pp, blocks, out.data_ptr<double>() + r * kNormColumns);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

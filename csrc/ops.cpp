@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -110,11 +112,12 @@ void for_chunks(const std::vector<Chunk>& chunks, const F& f) {
 
 void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-at::Tensor direction_and_norms_cpu(const at::Tensor& g, const at::Tensor& w, at::Tensor& w0, at::Tensor& d,
+at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tensor& w0, at::Tensor& d,
                                    const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                                    const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
-                                   at::ArrayRef<double> hp, int64_t mode) {
-  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode);
+                                   at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
+                                   bool trial_dm) {
+  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
   const int64_t n_ranges = static_cast<int64_t>(ranges.size() / 2);
   const auto chunks = chunks_of(ranges);
   std::vector<double> part(chunks.size() * kNormColumns);
@@ -124,9 +127,19 @@ at::Tensor direction_and_norms_cpu(const at::Tensor& g, const at::Tensor& w, at:
   const DType code = dtype_code(g.scalar_type());
   const KernelTable& kern = cpu_kernels();
   const bool stream = !adam && total(chunks) >= kStreamFrom;
+  // The first trial's step size per range (NaN: no trial there).
+  std::vector<double> etas(n_ranges, std::numeric_limits<double>::quiet_NaN());
+  if (eta.has_value()) {
+    const at::Tensor eta64 = eta->to(at::kDouble).contiguous();
+    std::copy_n(eta64.data_ptr<double>(), n_ranges, etas.begin());
+  }
   for_chunks(chunks, [&](int64_t k, const Chunk& c) {
     const double* row = hp.data() + c.range * kHpColumns;
-    const Hp h{row[0], row[1], row[2], row[3], row[4], row[5]};
+    Hp h{row[0], row[1], row[2], row[3], row[4], row[5]};
+    if (!std::isnan(etas[c.range])) {
+      h.eta = etas[c.range];
+      h.trial = trial_dm ? 2 : 1;
+    }
     kern.pass_a(code, static_cast<int>(mode), ptrs, c.begin, c.end - c.begin, h, &part[k * kNormColumns], stream);
   });
   at::Tensor out = at::zeros({n_ranges, kNormColumns}, g.options().dtype(at::kDouble));
@@ -210,7 +223,7 @@ std::string cpu_isa() { return cpu_kernels().isa; }
 at::ScalarType check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d,
                             const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                             const std::optional<at::Tensor>& dm, at::IntArrayRef ranges, at::ArrayRef<double> hp,
-                            int64_t mode) {
+                            int64_t mode, const std::optional<at::Tensor>& eta, bool trial_dm) {
   TORCH_CHECK(mode == kModeSgd || mode == kModeAdam, "lsfused: mode must be 0 (SGD) or 1 (Adam), got ", mode);
   const at::ScalarType sdt = state_dtype(w.scalar_type());
   check_buffer(w, "w", w.scalar_type(), w);
@@ -226,6 +239,13 @@ at::ScalarType check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::
   check_ranges(ranges, w.numel());
   TORCH_CHECK(hp.size() == ranges.size() / 2 * kHpColumns, "lsfused: hp must hold ", kHpColumns,
               " values per range, got ", hp.size(), " for ", ranges.size() / 2, " ranges");
+  if (eta.has_value()) {
+    TORCH_CHECK(eta->device() == w.device(), "lsfused: eta is on ", eta->device(), ", expected ", w.device());
+    TORCH_CHECK(eta->dim() == 1 && eta->numel() >= static_cast<int64_t>(ranges.size() / 2),
+                "lsfused: eta needs one entry per range");
+    TORCH_CHECK(!trial_dm || (mode == kModeAdam && dm.has_value()),
+                "lsfused: a first trial along dm needs the momentum direction buffer dm");
+  }
   return sdt;
 }
 
@@ -251,8 +271,8 @@ void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ra
 
 TORCH_LIBRARY(lsfused_cpp, m) {
   m.def(
-      "direction_and_norms(Tensor g, Tensor w, Tensor(a!) w0, Tensor(b!) d, Tensor(c!)? v, Tensor(d!)? m, "
-      "Tensor(e!)? dm, int[] ranges, float[] hp, int mode) -> Tensor");
+      "direction_and_norms(Tensor g, Tensor(f!) w, Tensor(a!) w0, Tensor(b!) d, Tensor(c!)? v, Tensor(d!)? m, "
+      "Tensor(e!)? dm, int[] ranges, float[] hp, int mode, Tensor? eta=None, bool trial_dm=False) -> Tensor");
   m.def("trial_step(Tensor(a!) w, Tensor w0, Tensor d, int[] ranges, Tensor eta) -> ()");
   m.def("restore(Tensor(a!) w, Tensor w0, int[] ranges) -> ()");
   m.def("absorbed_counts(Tensor w, Tensor w0, Tensor d, int[] ranges) -> Tensor");

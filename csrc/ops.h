@@ -18,7 +18,8 @@ void check_ranges(at::IntArrayRef ranges, int64_t numel);
 at::ScalarType check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d,
                             const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                             const std::optional<at::Tensor>& dm, at::IntArrayRef ranges, at::ArrayRef<double> hp,
-                            int64_t mode);
+                            int64_t mode, const std::optional<at::Tensor>& eta = std::nullopt,
+                            bool trial_dm = false);
 void check_trial_step(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
                       const at::Tensor& eta);
 void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ranges);

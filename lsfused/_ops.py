@@ -2,7 +2,8 @@
 
 ``backend`` is an argument of every op, so the same op (and its fake implementation for ``torch.compile`` and
 ``opcheck``) serves every backend; the registered kernel forwards to that backend's module. Backend modules
-implement ``direction_and_norms``, ``trial_step`` and ``restore`` with the signatures of ``lsfused.reference``.
+implement ``direction_and_norms`` (with its optional ``eta`` and ``trial_dm``: the fused first trial),
+``trial_step`` and ``restore`` with the signatures of ``lsfused.reference``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ IMPLEMENTATIONS = {
     "torch": "lsfused.reference",
     "triton": "lsfused.kernels.triton_ops",
     "cpp": "lsfused.kernels.cpp_ops",
+    "torch-fast": "lsfused.kernels.torch_fast",
 }
 
 
@@ -53,6 +55,35 @@ def direction_and_norms(
 
 @direction_and_norms.register_fake
 def _(g, w, w0, d, v, m, dm, ranges, hp, kind, backend):
+    return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
+
+
+@torch.library.custom_op("lsfused::direction_norms_trial", mutates_args=("w", "w0", "d", "v", "m", "dm"))
+def direction_norms_trial(
+    g: Tensor,
+    w: Tensor,
+    w0: Tensor,
+    d: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    dm: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    kind: int,
+    eta: Tensor,
+    trial_dm: bool,
+    backend: str,
+) -> Tensor:
+    """Pass A fused with the first trial: ``direction_and_norms``, and in the same pass ``w = w0 + eta[r]*d``
+    (``dm`` with ``trial_dm``) on every range whose ``eta`` entry (float64, on the buffers' device) is not NaN.
+
+    Bit-identical to ``direction_and_norms`` followed by ``trial_step`` on those ranges; saves the trial's pass.
+    """
+    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm)
+
+
+@direction_norms_trial.register_fake
+def _(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, backend):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 

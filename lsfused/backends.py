@@ -15,7 +15,9 @@ from torch import Tensor
 from lsfused import _ops, reference
 
 # Preference order of ``auto`` per device type. Triton on CPU runs only in its (slow) interpreter: never auto there.
-_AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+# Without the extension (no compiler) and Triton, ``torch-fast``: chunked torch ops, last-bit differences from the
+# ``torch`` reference allowed; the reference itself is for checking, never chosen by ``auto``.
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "torch-fast"), "cpu": ("cpp", "torch-fast")}
 
 
 def _triton_reason() -> str | None:
@@ -48,7 +50,7 @@ def _runs_on(name: str, device_type: str) -> bool:
 
 def backends() -> dict[str, str | None]:
     """Map each known backend to ``None`` when it is available, else to the reason it is not."""
-    return {"torch": None, "triton": _triton_reason(), "cpp": _cpp_reason()}
+    return {"torch": None, "torch-fast": None, "triton": _triton_reason(), "cpp": _cpp_reason()}
 
 
 def available_backends() -> list[str]:
@@ -76,11 +78,16 @@ class Backend:
             self._module = _ops.implementation(self.name)
         return self._module
 
-    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int) -> Tensor:
+    def direction_and_norms(
+        self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int, eta=None, trial_dm: bool = False
+    ) -> Tensor:
+        """Pass A; with ``eta`` (float64 per range, NaN: no trial there) fused with the first trial."""
         impl = self._impl()
         if impl is not None:
-            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode)
-        return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
+            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm)
+        if eta is None:
+            return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
+        return _ops.direction_norms_trial(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, self.name)
 
     def trial_step(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
         impl = self._impl()
@@ -106,9 +113,17 @@ class Backend:
             from lsfused.kernels import cpp_ops
 
             return cpp_ops.grad_check(g)
-        # One float64 reduction: NaN and inf propagate into it (finite fp32/fp16/bf16 squares cannot overflow in
-        # float64), so the exact count runs only when the sum is not finite; isfinite() on every step costs ~30x more.
-        sumsq = float(torch.linalg.vector_norm(g, dtype=torch.float64).square()) if g.numel() else 0.0
+        if not g.numel():
+            return 0, 0.0
+        # One reduction: NaN and inf propagate into it, so the exact count runs only when the sum is not finite;
+        # isfinite() on every step costs ~30x more. The reference sums in float64 (finite fp32/fp16/bf16 squares
+        # cannot overflow there); torch-fast in g's dtype (torch's float64 reduction of fp32 data is not vectorized:
+        # 4 ns per element), falling back to float64 when that overflowed without a non-finite entry.
+        if self.name == "torch-fast" and g.dtype != torch.float64:
+            sumsq = float(torch.linalg.vector_norm(g)) ** 2
+            if math.isfinite(sumsq):
+                return 0, sumsq
+        sumsq = float(torch.linalg.vector_norm(g, dtype=torch.float64).square())
         if math.isfinite(sumsq):
             return 0, sumsq
         return int((~torch.isfinite(g)).sum()), sumsq
@@ -133,7 +148,7 @@ def resolve(name: str, device: torch.device | None = None) -> Backend:
         name = os.environ.get("LSFUSED_BACKEND", "auto")
         if name == "auto":
             device_type = device.type if device is not None else "cpu"
-            for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+            for candidate in _AUTO_ORDER.get(device_type, ("torch-fast",)):
                 if known[candidate] is None and _runs_on(candidate, device_type):
                     return Backend(candidate)
     if name not in known:

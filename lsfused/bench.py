@@ -4,6 +4,10 @@ the same run. Results are appended to a CSV (one row per measurement) and can be
 Times are optimizer-side only: gradients are set before a step and the closure returns a precomputed loss, so the
 forward/backward cost is excluded. A step "with 3 backtracks" rejects its first three trials (the closure returns
 inf) and accepts the fourth.
+
+Each step row also gives the bytes per parameter that the step's fused ops move (``bytes_per_element``, counted by
+``ByteCounter`` from the buffers and ranges each op touches, reads and writes), and ``floor x``, that over fused
+Adam's 28 B: the ratio the step would have if both ran at the same bandwidth.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ CSV_FIELDS = [
     "p80_ms",
     "gbps",
     "ratio_to_fused_adam",
+    "bytes_per_element",
     "machine",
     "torch",
     "lsfused",
@@ -59,9 +64,71 @@ BERT_BASE = (
 # A small model: about 1M parameters in 20 tensors.
 SMALL = [(512, 256), (256,)] * 6 + [(256, 512), (512,)] * 2 + [(10, 512), (10,)] * 2 + [(1000,), (1000,)] * 2
 
-# Bytes moved per element by each op (fp32, AdamSLS with beta1 = 0): Pass A reads g, w, v and writes v, d, w0;
+# Bytes moved per element by each op of the op table (fp32, beta1 = 0): Pass A reads g, w, v and writes v, d, w0;
 # Pass B reads w0, d and writes w; restore reads w0 and writes w.
 OP_BYTES = {"pass_a": 24, "pass_b": 12, "restore": 8}
+
+
+def _nbytes(t, n: int) -> int:
+    return 0 if t is None else n * t.element_size()
+
+
+def _spans(ranges: list[int]) -> list[int]:
+    return [b - a for a, b in zip(ranges[0::2], ranges[1::2], strict=True)]
+
+
+class ByteCounter:
+    """Wraps an optimizer's backend and adds up the bytes each fused op reads and writes, from the buffers and
+    ranges it is given (an element read and written counts twice): the step's memory traffic, its floor."""
+
+    def __init__(self, ops):
+        self._ops, self.bytes = ops, 0
+
+    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges, hp, mode, eta=None, trial_dm=False):
+        etas = [math.nan] * (len(ranges) // 2) if eta is None else eta.tolist()
+        for n, e in zip(_spans(ranges), etas, strict=True):
+            moved = _nbytes(g, n) + _nbytes(w, n) + 2 * _nbytes(v, n) + 2 * _nbytes(m, n)
+            moved += _nbytes(w0, n) + _nbytes(d, n) + _nbytes(dm, n)
+            self.bytes += moved + (0 if math.isnan(e) else _nbytes(w, n))  # the fused first trial writes w
+        return self._ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm)
+
+    def trial_step(self, w, w0, d, ranges, eta):
+        self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) + _nbytes(d, n) for n in _spans(ranges))
+        return self._ops.trial_step(w, w0, d, ranges, eta)
+
+    def restore(self, w, w0, ranges):
+        self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) for n in _spans(ranges))
+        return self._ops.restore(w, w0, ranges)
+
+    def absorbed_counts(self, w, w0, d, ranges):
+        self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) + _nbytes(d, n) for n in _spans(ranges))
+        return self._ops.absorbed_counts(w, w0, d, ranges)
+
+    def grad_check(self, g):  # non-finite count and squared norm: one read of g
+        self.bytes += _nbytes(g, g.numel())
+        return self._ops.grad_check(g)
+
+    def scale_(self, g, factor):  # unscaling or clipping: g read and written
+        self.bytes += 2 * _nbytes(g, g.numel())
+        return self._ops.scale_(g, factor)
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+
+def step_bytes_per_element(opt, step: Callable[[], object]) -> float:
+    """Bytes per parameter that one call of ``step`` moves through the fused ops of ``opt`` (runs it once more)."""
+    counter = ByteCounter(opt._ops)
+    opt._ops = counter
+    try:
+        step()
+    finally:
+        opt._ops = counter._ops
+    return counter.bytes / sum(b.numel for b in opt._buckets)
+
+
+# torch Adam(fused=True) reads g, w, m, v and writes w, m, v: 7 fp32 buffers.
+FUSED_ADAM_BYTES = 28.0
 
 
 def machine() -> str:
@@ -213,9 +280,18 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
     ref_params = _make_params(shapes, device)
     ref = torch.optim.Adam(ref_params, lr=1e-3, fused=True)
 
-    def add(opt_name, backend, scenario, fn):
+    def add(opt_name, backend, scenario, fn, nbytes=math.nan):
         med, p20, p80, ref_med = timeit_against(fn, ref.step, repeats)
-        log.info("%s [%s] %s/%s: %.2f ms, %.2fx fused Adam", opt_name, backend, name, scenario, med, med / ref_med)
+        log.info(
+            "%s [%s] %s/%s: %.2f ms, %.2fx fused Adam, %.0f B/element",
+            opt_name,
+            backend,
+            name,
+            scenario,
+            med,
+            med / ref_med,
+            nbytes,
+        )
         rows.append(
             dict(
                 kind="step",
@@ -228,6 +304,7 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
                 p20_ms=p20,
                 p80_ms=p80,
                 ratio_to_fused_adam=med / ref_med,
+                bytes_per_element=nbytes,
             )
         )
 
@@ -238,7 +315,7 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
     ):
         params = _make_params(shapes, device)
         opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
-        add(f"Adam ({variant})", "torch", "step", opt.step)
+        add(f"Adam ({variant})", "torch", "step", opt.step, FUSED_ADAM_BYTES if variant == "fused" else math.nan)
         del opt, params
         gc.collect()
     for rejections, scenario in ((0, "accepted"), (3, "3 backtracks")):
@@ -255,16 +332,19 @@ def bench_steps(name: str, shapes, device: torch.device, repeats: int) -> list[d
         del baseline, params
         gc.collect()
         for backend in _backends(device):
-            for opt_name in ("AdamSLS", "PLASLS", "SaLSa"):
+            for opt_name in ("AdamSLS b1=0", "AdamSLS", "PLASLS", "SaLSa"):
                 params = _make_params(shapes, device)
                 if opt_name == "PLASLS":
                     k = max(1, len(params) // 10)
                     opt = lsfused.PLASLS([params[i : i + k] for i in range(0, len(params), k)], backend=backend)
                 elif opt_name == "SaLSa":
                     opt = lsfused.SaLSa(params, backend=backend, speed_up=False)
-                else:
+                elif opt_name == "AdamSLS b1=0":  # no momentum: an accepted first trial is Pass A alone
+                    opt = lsfused.AdamSLS(params, betas=(0.0, 0.999), backend=backend)
+                else:  # the default: searched along d, applied along the momentum direction dm (authors' code)
                     opt = lsfused.AdamSLS(params, backend=backend)
-                add(opt_name, backend, scenario, _lsfused_step(opt, _Script(rejections)))
+                step = _lsfused_step(opt, _Script(rejections))
+                add(opt_name, backend, scenario, step, step_bytes_per_element(opt, step))
                 if rejections == 0 and backend == _backends(device)[0]:
                     rows.append(_memory_row(opt_name, backend, name, numel, opt))
                 del opt, params
@@ -327,11 +407,15 @@ def format_rows(rows: list[dict]) -> str:
     steps = [r for r in rows if r["kind"] == "step"]
     if steps:
         lines.append("")
-        lines.append(f"{'optimizer':<22}{'backend':<9}{'scenario':<22}{'median ms':>11}{'x fused Adam':>14}")
+        lines.append(
+            f"{'optimizer':<22}{'backend':<9}{'scenario':<22}{'median ms':>11}{'x fused Adam':>14}{'B/elem':>8}"
+            f"{'floor x':>9}"
+        )
         for r in steps:
+            nbytes = r.get("bytes_per_element", math.nan)
             lines.append(
                 f"{r['name']:<22}{r['backend']:<9}{r['scenario']:<22}{r['median_ms']:>11.2f}"
-                f"{r['ratio_to_fused_adam']:>14.2f}"
+                f"{r['ratio_to_fused_adam']:>14.2f}{nbytes:>8.0f}{nbytes / FUSED_ADAM_BYTES:>9.2f}"
             )
     mem = [r for r in rows if r["kind"] == "memory"]
     if mem:

@@ -15,6 +15,10 @@ bit for bit; hyperparameters are rounded to the state dtype first (``1-b1`` is c
     dm    = -(m/(1-b1^k))/denom                   (momentum direction, applied after an accepted search)
     w0    = w*wd_scale                            (snapshot; wd_scale = 1 - weight_decay*eta_prev, usually 1)
 
+With ``eta`` (one float64 entry per range, NaN: none), Pass A also writes the first trial point of a search in the
+same pass, ``w = w0 + eta*d`` (``w0 + eta*dm`` with ``trial_dm``), with the op order of ``trial_step``, so the result
+is bit-identical to Pass A followed by ``trial_step``; ranges whose entry is NaN leave ``w`` as it is.
+
 The decision scalars are accumulated in float64 from the stored (rounded) values, per range::
 
     s   = sum(g*g/denom)   (SGD: sum(g*g))       the Armijo decrease term, Eq. 5 of arXiv 2403.18506
@@ -22,6 +26,8 @@ The decision scalars are accumulated in float64 from the stored (rounded) values
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -65,9 +71,18 @@ def direction_and_norms(
     ranges: list[int],
     hp: list[float],
     mode: int,
+    eta: Tensor | None = None,
+    trial_dm: bool = False,
 ) -> Tensor:
-    """Pass A: update the moments, write the direction(s) and the snapshot, return float64 sums ``[R, 5]``."""
+    """Pass A: update the moments, write the direction(s) and the snapshot, return float64 sums ``[R, 5]``.
+
+    With ``eta`` (float64, one entry per range), also the first trial ``w = w0 + eta[r]*d`` (``dm`` with
+    ``trial_dm``) on every range whose entry is not NaN, exactly as ``trial_step`` writes it.
+    """
+    if trial_dm and dm is None:
+        raise ValueError("trial_dm needs the momentum direction buffer dm")
     spans = pairs(ranges)
+    etas = [math.nan] * len(spans) if eta is None else eta.detach().cpu().tolist()
     out = torch.zeros(len(spans), len(NORM_COLUMNS), dtype=torch.float64, device=g.device)
     width = len(HP_COLUMNS)
     for r, (a, b) in enumerate(spans):
@@ -101,6 +116,8 @@ def direction_and_norms(
         out[r, 2] = (g64 * d64).sum()
         out[r, 3] = (d64 * d64).sum()
         out[r, 4] = gdm
+        if not math.isnan(etas[r]):
+            trial_step(w, w0, dm if trial_dm else d, [a, b], torch.tensor(etas[r : r + 1], dtype=torch.float64))
     return out
 
 

@@ -49,11 +49,36 @@ def test_bench_steps_reports_every_step_row_with_its_ratio(caplog):
     for r, record in zip(steps, caplog.records, strict=True):
         assert r["name"] in record.getMessage() and r["scenario"] in record.getMessage()
         assert r["ratio_to_fused_adam"] > 0
+        assert r["name"].startswith(("Adam (", "paper-style")) or r["bytes_per_element"] > 0
     scenarios = {(r["name"], r["backend"], r["scenario"]) for r in steps}
     for backend in bench._backends(CPU):
-        for name in ("AdamSLS", "PLASLS", "SaLSa"):
+        for name in ("AdamSLS b1=0", "AdamSLS", "PLASLS", "SaLSa"):
             assert {(name, backend, "tiny/accepted"), (name, backend, "tiny/3 backtracks")} <= scenarios
     # Memory per parameter (fp32 state, the default beta1 = 0.9): AdamSLS keeps w0, d, v, m and the momentum
     # direction, 5 x 4 bytes (beta1 = 0: 3 x 4); Adam m and v, 8 bytes.
     memory = {r["name"]: r["ratio_to_fused_adam"] for r in rows if r["kind"] == "memory"}
     assert memory["AdamSLS"] == 20.0 and memory["Adam (fused)"] == 8.0
+
+
+# Bytes per fp32 element, from the buffers each op touches: the non-finite check reads g (4); Pass A reads g, w, v
+# (and m) and writes v (and m), w0, d (and dm) and, with the first trial fused in, w; each further trial (Pass B)
+# reads w0 and d and writes w (12); with momentum the accepted step is applied along dm (Pass B, 12).
+@pytest.mark.parametrize(
+    ("name", "rejections", "expected"),
+    [
+        ("AdamSLS b1=0", 0, 4 + 12 + 16),
+        ("AdamSLS b1=0", 3, 4 + 12 + 16 + 3 * 12),
+        ("AdamSLS", 0, 4 + 16 + 24 + 12),
+        ("SaLSa", 0, 4 + 16 + 24),
+    ],
+)
+def test_step_bytes_per_element_count_the_buffers_touched(name, rejections, expected):
+    params = bench._make_params([(16, 4), (4,)], CPU)
+    if name == "SaLSa":
+        opt = lsfused.SaLSa(params, speed_up=False)
+    else:
+        opt = lsfused.AdamSLS(params, betas=(0.0, 0.999) if "b1=0" in name else (0.9, 0.999))
+    step = bench._lsfused_step(opt, bench._Script(rejections))
+    assert bench.step_bytes_per_element(opt, step) == expected
+    assert opt.last_step.trials == rejections + 1
+    assert not isinstance(opt._ops, bench.ByteCounter)  # the counter is removed again

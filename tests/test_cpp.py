@@ -245,14 +245,14 @@ FALLBACK_CHECK = """
 def assert_falls_back(res, reason_part):
     assert isinstance(res["reason"], str) and reason_part in res["reason"], res["reason"]
     assert res["raised"] is not None and res["reason"] in res["raised"]
-    assert res["auto"] == "torch" and res["outcome"] in ("accepted", "failed", "unresolvable")
+    assert res["auto"] == "torch-fast" and res["outcome"] in ("accepted", "failed", "unresolvable")
 
 
-def test_skip_ext_env_falls_back_to_torch():
+def test_skip_ext_env_falls_back_to_torch_fast():
     assert_falls_back(run_python(FALLBACK_CHECK, LSFUSED_SKIP_EXT="1"), "LSFUSED_SKIP_EXT=1")
 
 
-def test_broken_build_falls_back_to_torch(tmp_path):
+def test_broken_build_falls_back_to_torch_fast(tmp_path):
     src = tmp_path / "csrc"
     src.mkdir()
     for name in _cpp_build.CPU_SOURCES:

@@ -156,8 +156,14 @@ def direction_and_norms(
     ranges: list[int],
     hp: list[float],
     mode: int,
+    eta: Tensor | None = None,
+    trial_dm: bool = False,
 ) -> Tensor:
-    return _lib().direction_and_norms(g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode))
+    if eta is not None:
+        eta = eta.to(device=w.device, dtype=torch.float64)
+    return _lib().direction_and_norms(
+        g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode), eta, bool(trial_dm)
+    )
 
 
 def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:

@@ -36,9 +36,11 @@ def _direction_and_norms_kernel(
     m_ptr,
     dm_ptr,
     hp_ptr,
+    eta_ptr,
     part_ptr,
     start,
     n,
+    TRIAL: tl.constexpr,
     MODE_ADAM_: tl.constexpr,
     HAS_M: tl.constexpr,
     HAS_DM: tl.constexpr,
@@ -46,7 +48,9 @@ def _direction_and_norms_kernel(
     IS_F64: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
-    """Pass A: v = b2 v + (1-b2) g², d = -g/(sqrt(v)/sqrt(1-b2^k) + eps), w0 = w, float64 partial sums."""
+    """Pass A: v = b2 v + (1-b2) g², d = -g/(sqrt(v)/sqrt(1-b2^k) + eps), w0 = w, float64 partial sums.
+
+    TRIAL 1 (2): also the first trial w = w0 + eta*d (eta*dm), unless the range's eta is NaN."""
     pid = tl.program_id(0)
     local = pid * BLOCK_ + tl.arange(0, BLOCK_)
     mask = local < n
@@ -91,6 +95,12 @@ def _direction_and_norms_kernel(
         gdm = tl.zeros_like(s)
     d = tl.where(mask, d, 0.0)
     tl.store(d_ptr + offs, d, mask=mask)
+    if TRIAL != 0:
+        eta64 = tl.load(eta_ptr)
+        eta = eta64.to(cdt)
+        step = dm if TRIAL == 2 else d
+        live = local < tl.where(eta64 == eta64, n, 0)  # a NaN eta: no trial on this range
+        tl.store(w_ptr + offs, (w + eta * step).to(w_ptr.dtype.element_ty), mask=live)
     d64 = d.to(tl.float64)
     base = part_ptr + pid * 5
     tl.store(base + 0, tl.sum(s, axis=0))
@@ -139,8 +149,14 @@ def direction_and_norms(
     ranges: list[int],
     hp: list[float],
     mode: int,
+    eta: Tensor | None = None,
+    trial_dm: bool = False,
 ) -> Tensor:
+    if trial_dm and (dm is None or mode != MODE_ADAM):
+        raise ValueError("trial_dm needs the momentum direction buffer dm")
     spans = pairs(ranges)
+    if eta is not None:
+        eta = eta.to(device=g.device, dtype=torch.float64)
     width = len(HP_COLUMNS)
     hp_dev = torch.tensor(hp, dtype=torch.float64).to(g.device, non_blocking=True)
     adam = mode == MODE_ADAM
@@ -160,9 +176,11 @@ def direction_and_norms(
             m if (adam and m is not None) else d,
             dm if (adam and dm is not None) else d,
             hp_dev[r * width :],
+            eta[r:] if eta is not None else hp_dev,
             part,
             a,
             n,
+            TRIAL=0 if eta is None else (2 if trial_dm else 1),
             MODE_ADAM_=adam,
             HAS_M=adam and m is not None,
             HAS_DM=adam and dm is not None,

@@ -215,6 +215,11 @@ def _betas(value: Any) -> None:
     _in_range("betas[1]", value[1], 0.0, 1.0)
 
 
+def plan_dm(plan: tuple[dict[int, float], str] | None) -> bool:
+    """Whether a first-trial plan moves along the momentum direction ``dm``."""
+    return plan is not None and plan[1] == "dm"
+
+
 class LineSearchOptimizer(torch.optim.Optimizer):
     """Base class: subclasses declare which buffers they need and implement ``_search``.
 
@@ -225,6 +230,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     #: hyperparameters that steer the (global) line search; they must be equal across param groups.
     _search_keys: tuple[str, ...] = ()
     _mode: int = MODE_ADAM
+    #: False: Pass A writes no trial and every trial runs Pass B (the unfused sequence; tests compare the two)
+    _fuse_first_trial = True
 
     def __init__(
         self,
@@ -262,6 +269,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._rng_step = -1  # the step whose RNG state step_rng() gave the caller's own forward
         self._calls = [0]
         self._noise = 0.0
+        self._pending: tuple[dict[int, float], str] | None = None  # the trial point Pass A wrote, not yet used
         self._loss_dtype = torch.float32
         self._initialized = False
         super().__init__(params, defaults)
@@ -381,24 +389,70 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * eta]
         return rows
 
+    def _first_trial(self) -> tuple[dict[int, float], str] | None:
+        """Subclasses: the first trial point of this step's search, known before Pass A: the step size per param
+        group and the direction (``"d"`` or ``"dm"``), or None. Pass A then writes it in the same pass, and the
+        search's first ``_apply`` of exactly these step sizes and direction costs nothing."""
+        return None
+
     def _pass_a(self) -> Tensor:
-        """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``."""
+        """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``.
+
+        With a ``_first_trial``, Pass A also writes that trial point (bit-identical to Pass A followed by Pass B)."""
         k = self._step_count + 1
         sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
         shard_sums = torch.zeros_like(sums)
-        for b in self._buckets:
-            part = self._ops.direction_and_norms(
-                b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode
-            )
-            (shard_sums if b.sharded else sums)[b.groups] += part.cpu()
+        self._pending = None
+        plan = self._first_trial()
+        if not self._fuse_first_trial:
+            plan = None
+        done: list[FlatBucket] = []
+        try:
+            for b in self._buckets:
+                eta = None
+                if plan is not None and any(gi in plan[0] for gi in b.groups):
+                    etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
+                    eta = torch.tensor(etas, dtype=torch.float64).to(b.device, non_blocking=True)
+                part = self._ops.direction_and_norms(
+                    b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, plan_dm(plan)
+                )
+                done.append(b)
+                if eta is not None:
+                    b.write_back()
+                (shard_sums if b.sharded else sums)[b.groups] += part.cpu()
+        except BaseException:
+            # Pass A did not finish, so the step's handler will not restore w: put back the trial points it wrote
+            # (a bucket's op checks its inputs before it writes anything).
+            if plan is not None:
+                for b in done:
+                    self._ops.restore(b.w, b.w0, b.flat_ranges)
+                    b.write_back()
+            raise
+        self._pending = plan
         if any(b.sharded for b in self._buckets):
             # FSDP2: each rank holds a disjoint shard, so the decision sums are the sums over ranks.
             reduced = self._reduce(shard_sums.flatten().tolist(), average=False)
             sums += torch.tensor(reduced, dtype=torch.float64).view_as(sums)
         return sums
 
+    def _take_pending(self, covered: Iterable[int] | None) -> set[int]:
+        """Forget the trial point Pass A wrote; return its groups that an op over ``covered`` (None: all) leaves
+        out. Those must go back to ``w0``: the value they had before Pass A (w0 == w exactly unless SaLSa's weight
+        decay scales w0, and SaLSa plans its trial on every group, which every later op covers), so the result is
+        the unfused sequence's."""
+        pending, self._pending = self._pending, None
+        if pending is None or covered is None:
+            return set()
+        return set(pending[0]) - set(covered)
+
     def _apply(self, eta: dict[int, float], direction: str = "d") -> None:
         """Pass B: ``w = w0 + eta[g]*dir`` over the param groups listed in ``eta``; others are left as they are."""
+        if self._pending == (eta, direction):
+            self._pending = None  # Pass A already wrote exactly this point
+            return
+        left = self._take_pending(eta)
+        if left:
+            self._restore(left)
         for b in self._buckets:
             sel = [r for r, gi in enumerate(b.groups) if gi in eta]
             if sel:
@@ -411,6 +465,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _restore(self, groups: Iterable[int] | None = None) -> None:
         """``w = w0`` over the given param groups (all when None)."""
         wanted = None if groups is None else set(groups)
+        left = self._take_pending(wanted)
+        wanted = None if wanted is None else wanted | left
         for b in self._buckets:
             sel = [x for rng, gi in zip(b.ranges, b.groups, strict=True) if wanted is None or gi in wanted for x in rng]
             if sel:
@@ -855,6 +911,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 self._recorder.begin_step(self, f0, sums)
             self._decrease_ratio = 0.0
             result, searched, merged = self._search(run, f0, sums)
+            if self._pending is not None:  # a search that never moved w assumed it at w0: not at Pass A's trial
+                self._restore()
         except BaseException as err:
             with _sigint_deferred():
                 self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
@@ -885,7 +943,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     ) -> None:
         """End a step that raised after Pass A started: parameters back at ``w0``, step sizes and line-search state
         as before the step, moments (already updated by Pass A) kept, the step counted and recorded."""
-        if pass_a_done:  # Pass A does not write w; a trial may have
+        # A trial may have moved w, the first one inside Pass A (pending: Pass A finished, e.g. a held Ctrl-C raised
+        # on leaving it); a Pass A that raised restored what it wrote itself.
+        if pass_a_done or self._pending is not None:
             self._restore()
         step_sizes, extra = before
         for group, eta in zip(self.param_groups, step_sizes, strict=True):

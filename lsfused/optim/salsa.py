@@ -192,19 +192,37 @@ class SaLSa(LineSearchOptimizer):
     def _signature(self) -> str:
         return super()._signature() + repr(self.bias_correction)
 
+    def _speed_up_search(self, since_search: int) -> bool:
+        """Whether this step runs the search decision (speed-up rule), ``since_search`` counting this step."""
+        g0, st = self.param_groups[0], self._smoothed
+        r = st["fast"] / st["slow"]
+        r = 1.0 / r if r < 1.0 else r
+        needed = min(10.0, 1.0 / ((r - 1.0) + 1e-8))
+        return not g0["speed_up"] or self._step_count + 1 <= 10 or since_search >= needed
+
+    def _first_trial(self) -> tuple[dict[int, float], str] | None:
+        """``eta0 = growth * eta_prev`` (under the caps) on every group, for Pass A to write: along the search
+        direction when the speed-up rule runs the search (the loss gate, decided after Pass A, may still turn it
+        into a skip), else along ``dm``, the skipped step's update. None before the first search of
+        ``init_step_size="auto"``, whose first step size needs Pass A's sums."""
+        g0 = self.param_groups[0]
+        if g0["init_step_size"] == "auto" and g0["step_size"] == 0.0:
+            return None
+        eta0 = min(self._capped(i, g0["step_size"] * g0["growth"]) for i in range(self.n_groups))
+        search = self._speed_up_search(self._smoothed["since_search"] + 1)
+        direction = "dm" if not search or g0["use_momentum_direction"] else "d"
+        return dict.fromkeys(range(self.n_groups), eta0), direction
+
     def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
         g0, st = self.param_groups[0], self._smoothed
-        k = self._step_count + 1
         a = g0["smoothing"]
+        first_rule = "init" if self._step_count == 0 else "grow"
         eta_prev = g0["step_size"]
         uncapped = eta_prev * g0["growth"]
         eta0 = min(self._capped(i, uncapped) for i in range(self.n_groups))
         st["since_search"] += 1
-        r = st["fast"] / st["slow"]
-        r = 1.0 / r if r < 1.0 else r
-        needed = min(10.0, 1.0 / ((r - 1.0) + 1e-8))
         groups = tuple(range(self.n_groups))
-        search = not g0["speed_up"] or k <= 10 or st["since_search"] >= needed
+        search = self._speed_up_search(st["since_search"])
         if search:
             st["since_search"] = 0
             # s = -g·d for the chosen direction: sum(g*g*P), or sum(g*m_hat*P) = -g·dm
@@ -217,8 +235,7 @@ class SaLSa(LineSearchOptimizer):
             self._apply(dict.fromkeys(groups, eta0), "dm")
             return SearchResult("skipped", eta0, 0, None, "cap" if search else None), (), None
         G, D_prev, c = st["G"], st["D"], g0["c"]
-        first_rule = "init" if k == 1 else "grow"
-        if g0["init_step_size"] == "auto" and g0["step_size"] == 0.0:
+        if auto:
             # The smoothed test needs a*D_prev + (1-a)*(f0 - ft) >= c*eta*G; with ft >= 0 that bounds eta by
             # (a*D_prev + (1-a)*f0)/(c*G), which is f0/(c*s) on the first search.
             eta0, first_rule = interpolation.auto_start(a * D_prev + (1.0 - a) * f0, c, G), "auto"

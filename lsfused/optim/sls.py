@@ -52,12 +52,14 @@ class _ArmijoSLS(LineSearchOptimizer):
     #: where init_step_size="auto" starts when its bound does not exist (the class's default init_step_size)
     _auto_fallback = 0.1
     joint_check = False  # a PLASLS option, see _joint_check
+    trial_point = "w0"  # a PLASLS option, see _before_trials
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], **options: Any):
         # PLASLS state (a single component holding every group for SGDSLS/AdamSLS).
         self.components: list[list[int]] = []
         self._cursor = 0
         self._auto_warned = False
+        self._searched: list[int] = []
         super().__init__(params, defaults, **options)
         self.components = [list(range(self.n_groups))]
 
@@ -102,19 +104,37 @@ class _ArmijoSLS(LineSearchOptimizer):
                 )
         return eta
 
+    def _growth(self) -> float:
+        g0 = self.param_groups[0]
+        return g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
+
+    def _first_trial(self) -> tuple[dict[int, float], str] | None:
+        """Chooses the part to search this step (PLASLS: a component; ``_search`` uses that choice) and returns the
+        search's first trial for Pass A to write: ``eta0 = eta_prev * growth`` (under the cap) on the searched
+        groups along ``d``. None when the first trial is not known before Pass A: the first search of
+        ``init_step_size="auto"`` (it needs Pass A's sums) and PLASLS's sequential trial point (the components
+        before the searched one move first)."""
+        auto = self._auto_pending()
+        if auto or self._full_search(self._step_count):
+            self._searched = list(range(self.n_groups))
+        else:
+            self._searched = list(self.components[self._choose_component()])
+        if auto or (self.trial_point == "sequential" and len(self._searched) < self.n_groups):
+            return None
+        first = self._searched[0]
+        eta0 = self._capped(first, self.param_groups[first]["step_size"] * self._growth())
+        return dict.fromkeys(self._searched, eta0), "d"
+
     def _search(self, run, f0: float, sums: Tensor) -> tuple[SearchResult, tuple[int, ...], Any]:
         g0 = self.param_groups[0]
         auto = self._auto_pending()
-        growth = g0["gamma"] ** (1.0 / g0["n_batches_per_epoch"])  # Eq. 2, applied to every component
+        growth = self._growth()
         prev = [group["step_size"] for group in self.param_groups]
         for group in self.param_groups:
             group["step_size"] = group["step_size"] * growth
         s = sums[:, 0].tolist()
         gd = sums[:, 2].tolist()  # g·d per group: the loss's slope along d
-        if auto or self._full_search(self._step_count):
-            searched = list(range(self.n_groups))
-        else:
-            searched = self.components[self._choose_component()]
+        searched = self._searched  # chosen by _first_trial, before Pass A
         s_searched = math.fsum(s[i] for i in searched)
         c = g0["c"]
         final_dir = "dm" if self._has_momentum else "d"
@@ -161,9 +181,10 @@ class _ArmijoSLS(LineSearchOptimizer):
             return result, tuple(searched), self._after_search(False)
         # The search decides the searched part only; the other components (PLASLS) always take their step (Eq. 7).
         if result.outcome == "accepted":
-            if final_dir != "d" or others:
-                # Adam momentum step (b1 > 0) and/or the other components' step: w = w0 + eta ⊙ dir (Eq. 7).
+            if final_dir != "d":  # Adam momentum step (b1 > 0): w = w0 + eta ⊙ dm on every component (Eq. 7)
                 self._apply({**others, **dict.fromkeys(searched, result.eta)}, final_dir)
+            elif others:  # the searched part already holds its accepted trial w0 + eta*d: step the others (Eq. 7)
+                self._apply(others, final_dir)
         else:
             # unresolvable: a decision that cannot be measured does not move the weights -> w0; failed: w0 with
             # on_failure="revert", the last trial with "last".
