@@ -174,12 +174,12 @@ def format_table(rows: Sequence[Row], reference: str = "adam") -> str:
         line = (
             f"{r.name:<{width}} {r.seeds:>5} {r.train_loss[0]:>8.4f} ± {r.train_loss[1]:<6.4f} "
             f"{r.test_accuracy[0]:>8.4f} ± {r.test_accuracy[1]:<6.4f} {r.calls_per_step[0]:>10.2f} "
-            f"{r.wall_s[0]:>6.1f} ± {r.wall_s[1]:<4.1f}"
+            f"{r.wall_s[0]:>6.3g} ± {r.wall_s[1]:<4.2g}"
         )
         line += f" {r.wall_ratio:>6.2f}x" if ratio else ""
         if to_ref:
             t, n = r.to_reference
-            line += f" {(f'{t:.1f}' if n else '-') + f' ({n}/{r.seeds})':>17}"
+            line += f" {(f'{t:.3g}' if n else '-') + f' ({n}/{r.seeds})':>17}"
         line += f" {r.optimizer_share[0]:>10.1%}" if share else ""
         lines.append(line + (f"  {r.note}" if r.note else ""))
     return "\n".join(lines)
