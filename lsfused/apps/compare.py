@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,8 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> Path:
     for r in results:
         by_name.setdefault(r.name, []).append(r)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len({r.name for r in results}) > len(cycle):  # more rows than the default colours: no two lines alike
+        cycle = [plt.get_cmap("tab20")(i) for i in range(20)]
     for i, (name, runs) in enumerate(by_name.items()):
         color = cycle[i % len(cycle)]
         n = min(len(r.losses) for r in runs)
@@ -300,7 +303,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> Path:
     ax_fwd.set(xlabel="forward passes (closure calls)", ylabel="test accuracy (mean over seeds)")
     for ax in axes.flat:
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 160), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
