@@ -9,8 +9,8 @@ the tables committed in ``docs/backtracking.md``.
 Usage::
 
     PYTHONPATH=$PWD python benchmarks/backtracking.py --task digits --seeds 0 1 2 --out docs/backtracking/digits.json
-    PYTHONPATH=$PWD python benchmarks/backtracking.py --task text --seeds 0 1 2 --out docs/backtracking/text.json
-    PYTHONPATH=$PWD python benchmarks/backtracking.py --table docs/backtracking/text.json
+    PYTHONPATH=$PWD python benchmarks/backtracking.py --task text --seeds 0 1 2 --out docs/backtracking/text_all.json
+    PYTHONPATH=$PWD python benchmarks/backtracking.py --table docs/backtracking/text_all.json
 
 Definitions: "calls/step" is closure calls over steps (Adam: 1); "wall x Adam" is the run's mean wall time per step
 over Adam's in the same seed (same batches, run right before or after it on the same machine); "steps to Adam's
