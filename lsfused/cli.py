@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(table)
         print(f"wrote {out}/table.txt and {out}/demo.png")
     if args.seeds < 3:
-        cost = "a few seconds" if args.task == "digits" else "about 25 minutes on 2 CPU cores; make demo runs it"
+        cost = "under a minute" if args.task == "digits" else "about 25 minutes on 2 CPU cores; make demo runs it"
         print(
             f"{args.seeds} seed{'s' if args.seeds > 1 else ''}: differences between optimizers may be within what "
             f"another seed moves; the full comparison ({cost}) is "
