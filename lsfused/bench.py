@@ -379,6 +379,15 @@ def _baseline_memory_rows(scenario, numel, shapes, device) -> list[dict]:
 def append_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != CSV_FIELDS:  # written by an older version: rewrite it with today's columns
+                old = list(reader)
+                with path.open("w", newline="") as out:
+                    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+                    writer.writeheader()
+                    writer.writerows({k: r.get(k) or "" for k in CSV_FIELDS} for r in old)
     stamp = dict(
         machine=machine(),
         torch=torch.__version__,

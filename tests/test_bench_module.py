@@ -1,6 +1,7 @@
 """``lsfused.bench``: the forced scenarios measure what they say, the ratios use a reference timed around each row,
 and every step measurement is reported while the run goes on."""
 
+import csv
 import logging
 
 import pytest
@@ -82,3 +83,16 @@ def test_step_bytes_per_element_count_the_buffers_touched(name, rejections, expe
     assert bench.step_bytes_per_element(opt, step) == expected
     assert opt.last_step.trials == rejections + 1
     assert not isinstance(opt._ops, bench.ByteCounter)  # the counter is removed again
+
+
+def test_append_csv_rewrites_an_older_header(tmp_path):
+    path = tmp_path / "r.csv"
+    old_fields = [f for f in bench.CSV_FIELDS if f != "bytes_per_element"]
+    path.write_text(",".join(old_fields) + "\n" + ",".join("x" if f == "name" else "" for f in old_fields) + "\n")
+    bench.append_csv([{"kind": "step", "name": "new", "bytes_per_element": 32.0}], path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == bench.CSV_FIELDS
+    assert [r["name"] for r in rows] == ["x", "new"] and rows[1]["bytes_per_element"] == "32.0"
+    assert rows[0]["bytes_per_element"] == "" and all(None not in r for r in rows)  # no shifted columns

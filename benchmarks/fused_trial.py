@@ -1,0 +1,100 @@
+"""Interleaved before/after of the fused first trial (issue 13): every round times torch ``Adam(fused=True)`` and
+each lsfused variant back to back on the same parameter list, so the machine's drift cancels in the per-round
+ratios. "before" is today's optimizer with ``_fuse_first_trial = False`` (Pass A, then a Pass B for the first trial:
+the op sequence before the fusion, bit-identical results). Accepted first trial, optimizer side only.
+
+    PYTHONPATH=$PWD python benchmarks/fused_trial.py [--rounds 15] [--out benchmarks/results/fused_trial.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import lsfused
+from lsfused import bench
+
+LISTS = {
+    "bert-base": bench.BERT_BASE,
+    "1M/20 tensors": bench.SMALL,
+    "2000 x 10": [(10,)] * 2000,
+}
+
+
+def variants(shapes, device):
+    """Step functions over three optimizers (b1 = 0, momentum, torch-fast); "before" switches the fusion off for
+    its call only, so both sides of a comparison run on the same buffers."""
+
+    def step(opt, fuse, rejections=0):
+        inner = bench._lsfused_step(opt, bench._Script(rejections))
+
+        def run():
+            opt._fuse_first_trial = fuse
+            try:
+                inner()
+            finally:
+                opt._fuse_first_trial = True
+
+        return run
+
+    b0 = lsfused.AdamSLS(bench._make_params(shapes, device), betas=(0.0, 0.999), backend="cpp")
+    momentum = lsfused.AdamSLS(bench._make_params(shapes, device), backend="cpp")
+    fast = lsfused.AdamSLS(bench._make_params(shapes, device), betas=(0.0, 0.999), backend="torch-fast")
+    return {
+        "AdamSLS b1=0, before": step(b0, False),
+        "AdamSLS b1=0, fused": step(b0, True),
+        "AdamSLS b1=0, before, 3 backtracks": step(b0, False, 3),
+        "AdamSLS b1=0, fused, 3 backtracks": step(b0, True, 3),
+        "AdamSLS (momentum), before": step(momentum, False),
+        "AdamSLS (momentum), fused": step(momentum, True),
+        "AdamSLS b1=0, torch-fast": step(fast, True),
+    }
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results/fused_trial.csv")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    rows = []
+    for name, shapes in LISTS.items():
+        params = bench._make_params(shapes, device)
+        adam = torch.optim.Adam(params, lr=1e-3, fused=True)
+        steps = variants(shapes, device)
+        ratios = {k: [] for k in steps}
+        adam_ms = []
+        for fn in [adam.step, *steps.values()]:  # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for key, fn in steps.items():
+                a = timed(adam.step)
+                ratios[key].append(timed(fn) / a)
+                adam_ms.append(a * 1e3)
+        for key, rs in ratios.items():
+            q = statistics.quantiles(rs, n=5)
+            row = dict(params=name, step=key, ratio=statistics.median(rs), p20=q[0], p80=q[3],
+                       fused_adam_ms=statistics.median(adam_ms), machine=bench.machine())  # fmt: skip
+            rows.append(row)
+            print(f"{name:<14} {key:<36} {row['ratio']:6.2f}x fused Adam ({q[0]:.2f}-{q[3]:.2f})", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
