@@ -406,24 +406,24 @@ def format_rows(rows: list[dict]) -> str:
     lines = []
     ops = [r for r in rows if r["kind"] == "op"]
     if ops:
-        lines.append(f"{'op':<9}{'backend':<9}{'numel':>11}{'median ms':>11}{'GB/s':>8}{'of copy':>9}")
+        lines.append(f"{'op':<9}{'backend':<11}{'numel':>11}{'median ms':>11}{'GB/s':>8}{'of copy':>9}")
         copy = {r["numel"]: r["gbps"] for r in ops if r["name"] == "copy"}
         for r in ops:
             share = r["gbps"] / copy[r["numel"]]
             lines.append(
-                f"{r['name']:<9}{r['backend']:<9}{r['numel']:>11}{r['median_ms']:>11.3f}{r['gbps']:>8.2f}{share:>9.0%}"
+                f"{r['name']:<9}{r['backend']:<11}{r['numel']:>11}{r['median_ms']:>11.3f}{r['gbps']:>8.2f}{share:>9.0%}"
             )
     steps = [r for r in rows if r["kind"] == "step"]
     if steps:
         lines.append("")
         lines.append(
-            f"{'optimizer':<22}{'backend':<9}{'scenario':<22}{'median ms':>11}{'x fused Adam':>14}{'B/elem':>8}"
+            f"{'optimizer':<22}{'backend':<11}{'scenario':<22}{'median ms':>11}{'x fused Adam':>14}{'B/elem':>8}"
             f"{'floor x':>9}"
         )
         for r in steps:
             nbytes = r.get("bytes_per_element", math.nan)
             lines.append(
-                f"{r['name']:<22}{r['backend']:<9}{r['scenario']:<22}{r['median_ms']:>11.2f}"
+                f"{r['name']:<22}{r['backend']:<11}{r['scenario']:<22}{r['median_ms']:>11.2f}"
                 f"{r['ratio_to_fused_adam']:>14.2f}{nbytes:>8.0f}{nbytes / FUSED_ADAM_BYTES:>9.2f}"
             )
     mem = [r for r in rows if r["kind"] == "memory"]
