@@ -29,7 +29,7 @@ import torch
 import lsfused
 from lsfused import _ops
 from lsfused.apps.baselines import PaperStyleAdamSLS
-from lsfused.reference import MODE_ADAM
+from lsfused.reference import MODE_ADAM, pairs
 
 CSV_FIELDS = [
     "kind",
@@ -74,7 +74,7 @@ def _nbytes(t, n: int) -> int:
 
 
 def _spans(ranges: list[int]) -> list[int]:
-    return [b - a for a, b in zip(ranges[0::2], ranges[1::2], strict=True)]
+    return [b - a for a, b in pairs(ranges)]
 
 
 class ByteCounter:

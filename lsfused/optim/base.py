@@ -215,11 +215,6 @@ def _betas(value: Any) -> None:
     _in_range("betas[1]", value[1], 0.0, 1.0)
 
 
-def plan_dm(plan: tuple[dict[int, float], str] | None) -> bool:
-    """Whether a first-trial plan moves along the momentum direction ``dm``."""
-    return plan is not None and plan[1] == "dm"
-
-
 class LineSearchOptimizer(torch.optim.Optimizer):
     """Base class: subclasses declare which buffers they need and implement ``_search``.
 
@@ -389,6 +384,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * eta]
         return rows
 
+    def _auto_pending(self) -> bool:
+        """init_step_size="auto" and no search has chosen the step size yet (it is 0.0 until then)."""
+        g0 = self.param_groups[0]
+        return g0["init_step_size"] == "auto" and g0["step_size"] == 0.0
+
     def _first_trial(self) -> tuple[dict[int, float], str] | None:
         """Subclasses: the first trial point of this step's search, known before Pass A: the step size per param
         group and the direction (``"d"`` or ``"dm"``), or None. Pass A then writes it in the same pass, and the
@@ -403,9 +403,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
         shard_sums = torch.zeros_like(sums)
         self._pending = None
-        plan = self._first_trial()
+        plan = self._first_trial()  # always asked: PLASLS chooses the searched component there
         if not self._fuse_first_trial:
             plan = None
+        along_dm = plan is not None and plan[1] == "dm"
         done: list[FlatBucket] = []
         try:
             for b in self._buckets:
@@ -414,7 +415,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
                     eta = torch.tensor(etas, dtype=torch.float64).to(b.device, non_blocking=True)
                 part = self._ops.direction_and_norms(
-                    b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, plan_dm(plan)
+                    b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, along_dm
                 )
                 done.append(b)
                 if eta is not None:

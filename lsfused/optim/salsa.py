@@ -200,15 +200,20 @@ class SaLSa(LineSearchOptimizer):
         needed = min(10.0, 1.0 / ((r - 1.0) + 1e-8))
         return not g0["speed_up"] or self._step_count + 1 <= 10 or since_search >= needed
 
+    def _grown_step_size(self) -> float:
+        """This step's first step size, ``growth * eta_prev`` under every group's cap."""
+        g0 = self.param_groups[0]
+        return min(self._capped(i, g0["step_size"] * g0["growth"]) for i in range(self.n_groups))
+
     def _first_trial(self) -> tuple[dict[int, float], str] | None:
         """``eta0 = growth * eta_prev`` (under the caps) on every group, for Pass A to write: along the search
         direction when the speed-up rule runs the search (the loss gate, decided after Pass A, may still turn it
         into a skip), else along ``dm``, the skipped step's update. None before the first search of
         ``init_step_size="auto"``, whose first step size needs Pass A's sums."""
-        g0 = self.param_groups[0]
-        if g0["init_step_size"] == "auto" and g0["step_size"] == 0.0:
+        if self._auto_pending():
             return None
-        eta0 = min(self._capped(i, g0["step_size"] * g0["growth"]) for i in range(self.n_groups))
+        g0 = self.param_groups[0]
+        eta0 = self._grown_step_size()
         search = self._speed_up_search(self._smoothed["since_search"] + 1)
         direction = "dm" if not search or g0["use_momentum_direction"] else "d"
         return dict.fromkeys(range(self.n_groups), eta0), direction
@@ -219,7 +224,7 @@ class SaLSa(LineSearchOptimizer):
         first_rule = "init" if self._step_count == 0 else "grow"
         eta_prev = g0["step_size"]
         uncapped = eta_prev * g0["growth"]
-        eta0 = min(self._capped(i, uncapped) for i in range(self.n_groups))
+        eta0 = self._grown_step_size()
         st["since_search"] += 1
         groups = tuple(range(self.n_groups))
         search = self._speed_up_search(st["since_search"])
@@ -230,7 +235,7 @@ class SaLSa(LineSearchOptimizer):
             st["G"] = a * st["G"] + (1.0 - a) * s
             st["s_now"] = s
             search = f0 >= _GATE and st["G"] >= _GATE
-        auto = g0["init_step_size"] == "auto" and eta_prev == 0.0  # the first search picks the step size
+        auto = self._auto_pending()  # the first search picks the step size (eta_prev is still 0.0)
         if not search or (eta0 == 0.0 and not auto):
             self._apply(dict.fromkeys(groups, eta0), "dm")
             return SearchResult("skipped", eta0, 0, None, "cap" if search else None), (), None

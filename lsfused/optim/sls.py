@@ -86,11 +86,6 @@ class _ArmijoSLS(LineSearchOptimizer):
     def _choose_component(self) -> int:
         return 0
 
-    def _auto_pending(self) -> bool:
-        """init_step_size="auto" and no search has chosen the step size yet (it is 0.0 until then)."""
-        g0 = self.param_groups[0]
-        return g0["init_step_size"] == "auto" and g0["step_size"] == 0.0
-
     def _auto_start(self, f0: float, c: float, s: float) -> float:
         eta = interpolation.auto_start(f0, c, s)
         if eta is None:
