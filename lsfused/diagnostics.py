@@ -23,9 +23,9 @@ from lsfused.reference import MODE_SGD, NORM_COLUMNS
 _FP32_COLUMNS = ("s", "gg", "gd", "dd")
 #: where a trial's step size came from: the first step's init_step_size, the init_step_size="auto" bound, the previous
 #: step size grown (Eq. 2 / SaLSa's growth), the PLASLS joint check's tau = 1, eta*beta_b (or SaLSa's shrink), the
-#: quadratic or cubic interpolation's minimiser, or its safeguard (clamped to [0.1, 0.5] times the last step, or the
-#: model could not be used). See lsfused.optim.interpolation.
-RULES = ("init", "auto", "grow", "joint", "geometric", "quadratic", "cubic", "safeguard")
+#: quadratic interpolation (aimed at the acceptance test's boundary on the model), or its safeguard (clamped to
+#: [0.1, 0.9] times the last step, or the model could not be used). See lsfused.optim.interpolation.
+RULES = ("init", "auto", "grow", "joint", "geometric", "quadratic", "safeguard")
 
 
 def _ulp32(x: float) -> float:

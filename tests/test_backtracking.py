@@ -19,7 +19,7 @@ from torch import nn
 
 import lsfused
 from lsfused import diagnostics
-from lsfused.optim.interpolation import HI, LO, Interpolator, auto_start, cubic_step, quadratic_step
+from lsfused.optim.interpolation import AIM, HI, LO, Interpolator, auto_start, boundary_step
 
 DTYPE = torch.float64
 
@@ -27,53 +27,42 @@ DTYPE = torch.float64
 # ------------------------------------------------------------------------------------------------ the formulas
 
 
-def test_quadratic_step_is_the_minimiser_of_a_hand_worked_parabola():
-    # phi(x) = 2 - 4x + 8x^2: phi(1) = 6, minimiser 4/16 = 0.25
-    assert quadratic_step(2.0, -4.0, 1.0, 6.0) == 0.25
-    # the same parabola seen from a = 0.5: phi(0.5) = 2
-    assert quadratic_step(2.0, -4.0, 0.5, 2.0) == 0.25
+def test_boundary_step_of_a_hand_worked_parabola():
+    # phi = 2 - 4x + 8x^2 (seen at a = 1: phi = 6, or at a = 0.5: phi = 2); the Armijo test with c = 0.1
+    # (k = c*4 = 0.4): 2 - phi(x) >= 0.4x <=> 8x^2 <= 3.6x <=> x <= 0.45, 1.8 times the minimiser 0.25
+    assert boundary_step(2.0, -4.0, 1.0, 6.0, 0.4) == pytest.approx(0.45, rel=1e-15)
+    assert boundary_step(2.0, -4.0, 0.5, 2.0, 0.4) == pytest.approx(0.45, rel=1e-15)
+    # k = 0: the model's own root 2 - phi(x) = 0, x = 0.5
+    assert boundary_step(2.0, -4.0, 1.0, 6.0, 0.0) == 0.5
+    # an offset (SaLSa's smoothed test): 2 - phi(x) >= 4.4x - 0.2 <=> 8x^2 + 0.4x - 0.2 <= 0 -> x = 0.1 * 1.5
+    # (roots of 40x^2 + 2x - 1: (-2 ± 12.65)/80 -> 0.13312...; written out: (-0.4 + sqrt(0.16 + 6.4)) / 16)
+    want = (-0.4 + math.sqrt(0.16 + 6.4)) / 16.0
+    assert boundary_step(2.0, -4.0, 1.0, 6.0, 4.4, 0.2) == pytest.approx(want, rel=1e-14)
 
 
-def test_cubic_step_is_the_minimiser_of_a_hand_worked_cubic():
-    # phi(x) = 1 - 3x + x^3: phi' = 3x^2 - 3, minimiser 1; phi(4) = 53, phi(2) = 3
-    assert cubic_step(1.0, -3.0, 4.0, 53.0, 2.0, 3.0) == pytest.approx(1.0, rel=1e-14)
-    # phi(x) = 1 - 2x + 3x^2 - 0.5x^3 (A < 0): phi' = -1.5x^2 + 6x - 2, local minimiser 2 - sqrt(8/3)
-    phi = lambda x: 1.0 - 2.0 * x + 3.0 * x * x - 0.5 * x**3  # noqa: E731
-    want = 2.0 - math.sqrt(8.0 / 3.0)
-    assert cubic_step(1.0, -2.0, 1.5, phi(1.5), 1.0, phi(1.0)) == pytest.approx(want, rel=1e-13)
-    # a quadratic seen through the cubic formula (A = 0): phi = 2 - 4x + 8x^2
-    assert cubic_step(2.0, -4.0, 1.0, 6.0, 0.5, 2.0) == pytest.approx(0.25, rel=1e-14)
+def test_boundary_step_survives_tiny_step_sizes():
+    # the same parabola scaled to x ~ 1e-200: phi(x) = 2 - 4x/s + 8x^2/s^2
+    s = 1e-200
+    assert boundary_step(2.0, -4.0 / s, s, 6.0, 0.4 / s) == pytest.approx(0.45 * s, rel=1e-14)
 
 
-def test_cubic_step_survives_tiny_step_sizes():
-    # the same cubic, scaled to x ~ 1e-70 (a^5 would underflow in the textbook form)
-    s = 1e-70
-    phi = lambda x: 1.0 - 3.0 * (x / s) + (x / s) ** 3  # noqa: E731
-    assert cubic_step(1.0, -3.0 / s, 4 * s, phi(4 * s), 2 * s, phi(2 * s)) == pytest.approx(s, rel=1e-12)
+def test_no_boundary_when_the_model_has_none():
+    assert math.isnan(boundary_step(1.0, -1.0, 1.0, 0.0, 0.1))  # below the tangent: concave
+    assert math.isnan(boundary_step(1.0, 1.0, 1.0, 5.0, 0.1))  # ascent slope
+    assert math.isnan(boundary_step(1.0, -1.0, 1.0, 5.0, 2.0))  # the test asks for more than the slope gives
+    assert math.isnan(boundary_step(1.0, -1.0, 1.0, 5.0, math.inf))
 
 
-def test_models_without_a_minimiser_give_nan():
-    assert math.isnan(quadratic_step(1.0, -1.0, 1.0, 0.0))  # below the tangent: concave
-    assert math.isnan(quadratic_step(1.0, 1.0, 1.0, 5.0))  # ascent slope
-    # phi' = -1 - 2x^2 < 0 everywhere: phi = 1 - x - (2/3) x^3
-    phi = lambda x: 1.0 - x - 2.0 / 3.0 * x**3  # noqa: E731
-    assert math.isnan(cubic_step(1.0, -1.0, 2.0, phi(2.0), 1.0, phi(1.0)))
-
-
-def test_interpolator_rules_in_order():
-    # phi(x) = 1 - x + 10x^2 - 6x^3 from a = 1 (phi = 4): the quadratic gives 1/(2*(3+1)) = 0.125, inside
-    # [0.1, 0.5]; the cubic through both trials is phi itself: phi' = -1 + 20x - 18x^2, minimiser (10 - sqrt(82))/18
+def test_interpolator_aims_inside_the_boundary_of_the_latest_trial():
+    # phi(x) = 1 - x + 10x^2 - 6x^3, c*s = 0.1: from a = 1 (phi = 4) the quadratic has B = 4, boundary 0.9/4
     phi = lambda x: 1.0 - x + 10.0 * x * x - 6.0 * x**3  # noqa: E731
-    it = Interpolator(1.0, -1.0)
-    assert it.next(1.0, phi(1.0)) == (0.125, "quadratic")
-    eta2, rule2 = it.next(0.125, phi(0.125))
-    assert rule2 == "cubic" and eta2 == pytest.approx((10.0 - math.sqrt(82.0)) / 18.0, rel=1e-12)
-    # a NaN in between: the cubic uses the last two finite trials
-    it = Interpolator(1.0, -1.0)
-    it.next(1.0, phi(1.0))
-    assert it.next(0.125, math.nan) == (0.0125, "safeguard")
-    eta, rule = it.next(0.125, phi(0.125))
-    assert rule == "cubic" and eta == pytest.approx((10.0 - math.sqrt(82.0)) / 18.0, rel=1e-12)
+    it = Interpolator(1.0, -1.0, 0.1)
+    eta1, rule1 = it.next(1.0, phi(1.0))
+    assert rule1 == "quadratic" and eta1 == pytest.approx(AIM * 0.9 / 4.0, rel=1e-15)
+    # the next rejection fits the quadratic through (eta1, phi(eta1)) alone
+    eta2, rule2 = it.next(eta1, phi(eta1) + 0.05)
+    b = (phi(eta1) + 0.05 - 1.0 + eta1) / eta1**2
+    assert rule2 == "quadratic" and eta2 == pytest.approx(AIM * 0.9 / b, rel=1e-13)
 
 
 # ------------------------------------------------------------------------------------------------ safeguards
@@ -85,44 +74,55 @@ def test_interpolator_rules_in_order():
         (math.nan, "safeguard", LO),
         (math.inf, "safeguard", LO),
         (-math.inf, "safeguard", LO),
-        (1e300, "safeguard", LO),  # rising far: the quadratic's minimiser is tiny -> clamped up
-        (1.0, "quadratic", HI),  # equal to f0: the minimiser is exactly half the step, the upper bound
-        (0.99, "safeguard", HI),  # a near miss: 0.55 of the step -> clamped to 0.5
+        (1e300, "safeguard", LO),  # rising far: the boundary is tiny -> clamped up
+        (1.0, "quadratic", AIM * 0.9),  # equal to f0: the boundary is (1 - c) = 0.9 of the step
+        (0.985, "safeguard", HI),  # a near miss (the test needs 0.98): boundary 0.973 * AIM of it -> clamped to 0.9
     ],
 )
 def test_adversarial_first_trial_losses(ft, rule, factor):
-    it = Interpolator(1.0, -1.0)
+    it = Interpolator(1.0, -1.0, 0.1)
     eta, got = it.next(0.2, ft)
-    assert (got, eta) == (rule, factor * 0.2)
+    assert got == rule and eta == pytest.approx(factor * 0.2, rel=1e-15)
 
 
 @pytest.mark.parametrize("slope", [0.0, 1.0, math.nan, math.inf, -math.inf])
-def test_unusable_slope_falls_back_to_halving(slope):
-    assert Interpolator(1.0, slope).next(0.2, 3.0) == (HI * 0.2, "safeguard")
+def test_unusable_slope_falls_back_to_the_upper_bound(slope):
+    assert Interpolator(1.0, slope, 0.1).next(0.2, 3.0) == (HI * 0.2, "safeguard")
+
+
+def test_safeguards_never_shrink_less_than_the_geometric_factor():
+    # SaLSa's shrink 0.8: a near miss is clamped to 0.8, not 0.9; a factor below LO lowers both bounds to it
+    assert Interpolator(1.0, -1.0, 0.1, shrink=0.8).next(0.2, 0.985) == pytest.approx((0.8 * 0.2, "safeguard"))
+    it = Interpolator(1.0, -1.0, 0.1, shrink=0.05)
+    assert it.next(0.2, 1.0) == (0.05 * 0.2, "safeguard") and it.next(0.2, math.nan) == (0.05 * 0.2, "safeguard")
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     f0=st.floats(-1e6, 1e6),
     slope=st.one_of(st.floats(-1e12, 1e12), st.sampled_from([math.nan, math.inf, -math.inf, 0.0])),
+    k=st.one_of(st.floats(0.0, 1e12), st.sampled_from([math.inf, math.nan])),
+    offset=st.one_of(st.floats(-1e6, 1e6), st.sampled_from([math.nan])),
     losses=st.lists(
         st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e3, 1e3)), min_size=1, max_size=8
     ),
     eta0=st.floats(1e-300, 1e3),
+    shrink=st.floats(1e-3, 0.999),
 )
-def test_any_trial_losses_give_a_finite_positive_shrinking_step(f0, slope, losses, eta0):
-    it, eta = Interpolator(f0, slope), eta0
+def test_any_trial_losses_give_a_finite_positive_shrinking_step(f0, slope, k, offset, losses, eta0, shrink):
+    it, eta = Interpolator(f0, slope, k, offset, shrink), eta0
+    hi = min(HI, shrink)
     for ft in losses:
         new, rule = it.next(eta, ft)
         assert math.isfinite(new) and new > 0.0, (eta, ft, new)
-        assert new <= HI * eta or new == 5e-324, (eta, ft, new)
-        assert new >= LO * eta * (1 - 1e-15) or new == 5e-324
-        assert rule in ("quadratic", "cubic", "safeguard")
+        assert new <= hi * eta or new == 5e-324, (eta, ft, new)
+        assert new >= min(LO, hi) * eta * (1 - 1e-15) or new == 5e-324
+        assert rule in ("quadratic", "safeguard")
         eta = new
 
 
 def test_step_never_reaches_zero():
-    assert Interpolator(1.0, -1.0).next(5e-324, math.nan)[0] == 5e-324
+    assert Interpolator(1.0, -1.0, 0.1).next(5e-324, math.nan)[0] == 5e-324
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -134,15 +134,17 @@ def quadratic_problem(k: float, w_start: float):
     return w, lambda: 0.5 * k * (w * w).sum()
 
 
-def test_sgdsls_first_interpolated_step_is_the_exact_minimiser_and_is_accepted():
+def test_sgdsls_first_interpolated_step_is_inside_the_exact_boundary_and_is_accepted():
     # k = 4, w0 = 1: eta0 = 1 overshoots to w = -3 (f = 18 > 2); g·d = -16, so the quadratic through f(0) = 2,
-    # slope -16 and f(1) = 18 is the loss itself: its minimiser 16/(2*32) = 0.25 = 1/k lands on w = 0 exactly.
+    # slope -16 and f(1) = 18 is the loss itself, and its Armijo boundary (c = 0.1) is the loss's:
+    # 2(1 - 4 eta)^2 <= 2 - 1.6 eta <=> eta <= 14.4/32 = 0.45. The next trial is AIM times it, accepted.
     w, closure = quadratic_problem(4.0, 1.0)
     opt = lsfused.SGDSLS([w], init_step_size=1.0, gamma=1.0, backtracking="interpolate", backend="torch")
     rec = diagnostics.Recorder(opt)
     opt.step(closure)
     assert (opt.last_step.outcome, opt.last_step.trials) == ("accepted", 2)
-    assert opt.last_step.step_sizes == (0.25,) and w.item() == 0.0
+    assert opt.last_step.step_sizes[0] == pytest.approx(AIM * 0.45, rel=1e-15)
+    assert w.item() == pytest.approx(1.0 - 4.0 * AIM * 0.45, rel=1e-14)
     assert [t["rule"] for t in rec.rows[0]["trials"]] == ["init", "quadratic"]
     # geometric backtracking tries 1, 0.9, 0.81, ... until the Armijo test holds (eta <= 1.8/k = 0.45)
     w2, closure2 = quadratic_problem(4.0, 1.0)
@@ -281,7 +283,7 @@ def test_salsa_auto_and_interpolate_rules_recorded():
         opt.step(lambda: nn.functional.cross_entropy(model(x), y))
     rules = [t["rule"] for r in rec.rows for t in r["trials"]]
     assert rules[0] == "auto" and "grow" in rules
-    assert set(rules) <= {"auto", "grow", "quadratic", "cubic", "safeguard"}
+    assert set(rules) <= {"auto", "grow", "quadratic", "safeguard"}
     summary = diagnostics.format_summary(diagnostics.summarize(rec.rows))
     assert "trials by the rule" in summary and "auto" in summary
 
@@ -325,7 +327,7 @@ def test_decisions_agree_across_backends(name):
     assert got == want
     assert all(torch.equal(a, b) for a, b in zip(gp, wp, strict=True))
     rules = {rule for _, _, trials in want for *_, rule in trials}
-    assert rules & {"quadratic", "cubic", "safeguard"}, rules
+    assert rules & {"quadratic", "safeguard"}, rules
 
 
 def test_warnings_are_not_raised_by_default_runs():

@@ -132,36 +132,34 @@ class AdamMoments:
 
 class RefBacktracking:
     """The next step size after a rejected trial, from the docstrings of ``backtracking`` and
-    ``lsfused.optim.interpolation`` (Nocedal & Wright 3.5), written with numpy's linear algebra instead of the closed
-    forms: fit ``phi(x) = f0 + slope*x + B x^2 (+ A x^3)`` through the last one (two) finite rejected trials by
-    solving the linear system, take the real root of ``phi'`` where ``phi'' > 0``, clamp it to ``[0.1, 0.5]`` times
-    the last step; ``0.5`` times it when there is no such root or the slope is not negative, ``0.1`` times it after a
-    non-finite loss. ``"geometric"``: ``eta * shrink``."""
+    ``lsfused.optim.interpolation``, written with numpy's polynomial roots instead of the closed forms: the quadratic
+    ``phi(x) = f0 + slope*x + B x^2`` through the latest rejected trial, the largest positive root of
+    ``f0 - phi(x) = k*x - offset`` (the acceptance test on the model), times 0.95, clamped to ``[lo, hi]`` times
+    the last step (``hi = min(0.9, shrink)``, ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root (or
+    ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``: ``eta * shrink``."""
 
-    def __init__(self, rule: str, f0: float, slope: float, shrink: float):
-        self.rule, self.f0, self.slope, self.shrink = rule, f0, slope, shrink
-        self.finite: list[tuple[float, float]] = []
+    def __init__(self, rule: str, f0: float, slope: float, shrink: float, k: float, offset: float = 0.0):
+        self.rule, self.f0, self.slope, self.shrink, self.k, self.offset = rule, f0, slope, shrink, k, offset
 
-    def _minimiser(self) -> float | None:
+    def _boundary(self, a: float, fa: float) -> float | None:
         if not (math.isfinite(self.slope) and self.slope < 0.0):
             return None
-        pts = self.finite[-2:]
-        rows = [[a**2, a**3][: len(pts)] for a, _ in pts]
-        rhs = [fa - self.f0 - self.slope * a for a, fa in pts]
-        coef = np.linalg.solve(np.array(rows), np.array(rhs))  # [B] or [B, A]
-        B, A = coef[0], (coef[1] if len(coef) > 1 else 0.0)
-        roots = np.roots([3.0 * A, 2.0 * B, self.slope]) if A != 0.0 else np.array([-self.slope / (2.0 * B)])
-        good = [r.real for r in roots if abs(r.imag) == 0.0 and r.real > 0.0 and 6.0 * A * r.real + 2.0 * B > 0.0]
-        return good[0] if good else None
+        B = (fa - self.f0 - self.slope * a) / a**2
+        if not B > 0.0:
+            return None
+        roots = np.roots([B, self.slope + self.k, -self.offset])
+        good = [r.real for r in roots if abs(r.imag) == 0.0 and r.real > 0.0]
+        return max(good) if good else None
 
     def next(self, eta: float, ft: float) -> float:
         if self.rule == "geometric":
             return eta * self.shrink
+        hi = min(0.9, self.shrink)
+        lo = min(0.1, hi)
         if not math.isfinite(ft):
-            return 0.1 * eta
-        self.finite.append((eta, ft))
-        x = self._minimiser()
-        return 0.5 * eta if x is None else min(max(x, 0.1 * eta), 0.5 * eta)
+            return lo * eta
+        x = self._boundary(eta, ft)
+        return hi * eta if x is None else min(max(0.95 * x, lo * eta), hi * eta)
 
 
 def sgd_directions(grads: list[Tensor]) -> AdamDirections:
@@ -256,7 +254,7 @@ class ReferenceArmijoSLS:
         eta = self.eta[searched[0]]
         # the slope along d: g·d, summed over the searched parameters
         slope = math.fsum(float((grads[pi] * dirs.d[pi]).sum()) for gi in searched for pi in self.groups[gi])
-        rule = RefBacktracking(self.backtracking, f0, slope, self.beta_b)
+        rule = RefBacktracking(self.backtracking, f0, slope, self.beta_b, self.c * s)
         outcome, trial = "failed", w0
         for t in range(1, self.max_backtracks + 1):
             trial = self._moved(w0, dirs.d, dict.fromkeys(searched, eta))
@@ -359,7 +357,8 @@ class ReferenceSaLSa:
             return RefRecord(f0, "skipped", 0, (self.eta,))
         direction = dirs.dm if self.use_momentum_direction else dirs.d
         slope = math.fsum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
-        rule = RefBacktracking(self.backtracking, f0, slope, self.shrink)
+        k, offset = self.c * self.G / (1.0 - a), a * self.D / (1.0 - a)  # the smoothed test on the model
+        rule = RefBacktracking(self.backtracking, f0, slope, self.shrink, k, offset)
         eta, outcome = eta0, "failed"
         for t in range(1, self.max_backtracks + 1):
             self.w = axpy(w0, eta, direction)  # the last trial is kept, accepted or not

@@ -233,26 +233,30 @@ def run(
                 f.write(json.dumps(result.__dict__) + "\n")
         return result
 
-    results: list[RunResult] = []
     sweep: dict[float, list[RunResult]] = {}
     notes: dict[str, str] = {}
-    for name in optimizers:
-        if name != TUNED_ADAM:
-            results += [train(name, OPTIMIZERS[name], seed) for seed in seeds]
-            continue
-        for lr in sweep_lrs:
-            sweep[lr] = [train(f"adam lr {lr:g}", _adam_at(lr), seeds[0])]
-        best = select_lr(sweep)
-        cost_f = sum(r.forwards for runs in sweep.values() for r in runs)
-        cost_b = sum(r.backwards for runs in sweep.values() for r in runs)
-        first = sweep[best][0]
-        runs = [RunResult(**{**first.__dict__, "name": name, "lr": best})]
-        runs += [train(name, _adam_at(best), seed) for seed in seeds[1:]]
-        results += runs
-        notes[name] = (
-            f"lr {best:g}, best of {', '.join(f'{lr:g}' for lr in sweep_lrs)} on seed {seeds[0]}'s training loss; "
-            f"sweep cost {cost_f} forward + {cost_b} backward passes"
-        )
+    runs: dict[str, list[RunResult]] = {name: [] for name in optimizers}
+    best = None
+    # Seeds outermost: each seed's runs follow each other, so a machine whose speed drifts over an hour-long
+    # comparison shifts all rows of a seed alike instead of one row's wall times.
+    for seed in seeds:
+        for name in optimizers:
+            if name != TUNED_ADAM:
+                runs[name].append(train(name, OPTIMIZERS[name], seed))
+            elif best is not None:
+                runs[name].append(train(name, _adam_at(best), seed))
+            else:  # the first seed: the sweep, whose best run is this seed's tuned run
+                for lr in sweep_lrs:
+                    sweep[lr] = [train(f"adam lr {lr:g}", _adam_at(lr), seed)]
+                best = select_lr(sweep)
+                runs[name].append(RunResult(**{**sweep[best][0].__dict__, "name": name, "lr": best}))
+                cost_f = sum(r.forwards for rs in sweep.values() for r in rs)
+                cost_b = sum(r.backwards for rs in sweep.values() for r in rs)
+                notes[name] = (
+                    f"lr {best:g}, best of {', '.join(f'{lr:g}' for lr in sweep_lrs)} on seed {seed}'s training "
+                    f"loss; sweep cost {cost_f} forward + {cost_b} backward passes"
+                )
+    results = [r for name in optimizers for r in runs[name]]
     return results, sweep, notes
 
 

@@ -631,21 +631,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         scale: dict[int, float] | None = None,
         slope: float | None = None,
         first_rule: str = "grow",
+        line: tuple[float, float] | None = None,
     ) -> SearchResult:
         """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` (``eta*scale[g]`` when ``scale`` is given) until
         ``decrease(eta, f_trial)`` holds.
 
         After a rejection the next eta is ``eta*shrink`` (``backtracking="geometric"``) or, with
-        ``backtracking="interpolate"``, the safeguarded quadratic/cubic minimiser of the loss along the ray built from
-        ``f0``, ``slope`` (the loss's derivative with respect to ``eta`` at 0) and the rejected trials
-        (``lsfused.optim.interpolation``). ``first_rule`` names where ``eta0`` came from, for the recorder.
+        ``backtracking="interpolate"``, the safeguarded boundary of the acceptance test on a quadratic model of the
+        loss along the ray built from ``f0``, ``slope`` (the loss's derivative with respect to ``eta`` at 0) and the
+        latest rejected trial (``lsfused.optim.interpolation``); ``line = (k, offset)`` writes the acceptance test as
+        ``f0 - f_trial >= k*eta - offset`` (default ``(predicted(1.0), 0.0)``, the Armijo test; SaLSa passes its
+        smoothed test). ``first_rule`` names where ``eta0`` came from, for the recorder.
         A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried. With
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
         shrinking eta further.
         """
         interp = None
         if self.param_groups[0].get("backtracking", "geometric") == "interpolate" and slope is not None:
-            interp = Interpolator(f0, slope)
+            interp = Interpolator(f0, slope, *(line or (predicted(1.0), 0.0)), shrink=shrink)
         eta, ft, unchanged, first_unchanged_eta, rule = eta0, None, 0, eta0, first_rule
         for t in range(1, max_trials + 1):
             self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)

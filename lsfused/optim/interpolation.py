@@ -1,31 +1,34 @@
-"""Safeguarded interpolating backtracking (Nocedal & Wright, Numerical Optimization, 2nd ed., Sec. 3.5).
+"""Safeguarded interpolating backtracking, aimed at the Armijo boundary of a model of the loss.
 
 A line search along ``w0 + eta*d`` knows ``phi(0) = f(w0)``, the slope ``phi'(0) = g·d`` (from Pass A's sums) and
-the loss ``phi(eta_i)`` at every rejected trial. Instead of ``eta *= beta_b`` it fits ``phi`` and jumps to the
-model's minimiser:
+the loss ``phi(a)`` at every rejected trial ``a``. Instead of ``eta *= beta_b`` it fits the quadratic through
+``phi(0)``, ``phi'(0)`` and the latest rejected trial ``(a, fa)`` (Nocedal & Wright, Numerical Optimization, 2nd
+ed., Sec. 3.5) and jumps to the largest step that this model says the acceptance test passes.
 
-- after the first rejection (one trial ``a``, loss ``fa``), the quadratic through ``phi(0)``, ``phi'(0)``,
-  ``phi(a)``::
+The acceptance tests are all of the form ``f(w0) - phi(eta) >= k*eta - offset``: the Armijo test has ``k = c*s``
+and ``offset = 0``; SaLSa's smoothed test ``a*D_prev + (1-a)*(f(w0) - phi(eta)) >= c*eta*G`` has
+``k = c*G/(1-a)`` and ``offset = a*D_prev/(1-a)``. In units of the trial, ``x = eta/a``, with ``p = -phi'(0)*a``
+(the linear prediction of the decrease) and ``curv = fa - phi(0) + p`` (positive when the model opens upwards)::
 
-      eta = -phi'(0) a^2 / (2 (fa - phi(0) - phi'(0) a))
-          = a * p / (2 (q + p)),   p = -phi'(0) a  (linear prediction),  q = fa - phi(0)
+    model:     phi(x*a) = phi(0) - p*x + curv*x^2
+    boundary:  curv*x^2 - (p - k*a)*x - offset = 0,  the larger root
+               x = (b + r) / (2*curv) = 2*offset / (r - b),  b = p - k*a,  r = sqrt(b^2 + 4*curv*offset)
 
-- after later rejections, the cubic ``phi(0) + phi'(0) x + B x^2 + A x^3`` through the last two finite trials
-  ``(a0, f0_), (a1, f1_)`` (``a1`` the latest)::
+(the second form where ``b < 0``, free of cancellation). For the Armijo test that is ``x = (1-c)*p / curv``, which
+on a quadratic loss is ``2*(1-c)`` times the model's minimiser (N&W's target). The new step is ``AIM = 0.95`` times
+the boundary: on an exact model the boundary itself is decided by rounding. Aiming at the boundary rather than the
+minimiser keeps the accepted steps as large as geometric backtracking's: the step size grows back only by
+``gamma**(1/n_batches_per_epoch)`` per step, so every step lost to a cautious search stays lost for the rest of a
+run (``docs/backtracking.md`` has the measurements of both aims).
 
-      [A, B] = 1/(a0^2 a1^2 (a1 - a0)) * [[a0^2, -a1^2], [-a0^3, a1^3]] @ [f1_ - phi(0) - phi'(0) a1,
-                                                                           f0_ - phi(0) - phi'(0) a0]
-      eta = (-B + sqrt(B^2 - 3 A phi'(0))) / (3 A)  =  -phi'(0) / (B + sqrt(B^2 - 3 A phi'(0)))
-
-  computed in units of ``a1`` (so that ``a^5`` cannot underflow for tiny step sizes).
-
-Safeguards: every new step is kept in ``[lo, hi] * eta_last`` (defaults 0.1 and 0.5); when the model cannot be used
-(a non-finite latest loss, a slope that is not a finite negative number, a cubic without a real minimiser, or any
-non-finite intermediate) the new step is ``hi * eta_last`` (``lo * eta_last`` after a non-finite loss: the trial was
-far too long) and the rule is recorded as ``"safeguard"``, as it is when the clamp moved the model's value. So a
-rejected trial, whatever its loss (NaN, inf, rising, equal), always yields a finite step in
-``[lo, hi] * eta_last``: strictly smaller, never zero or growing (on float64 underflow it is held at the smallest
-positive double). Every quantity here is a float64 Python float.
+Safeguards: every new step is kept in ``[LO, HI] * eta_last`` (0.1 and 0.9, HI lowered to the optimizer's geometric
+factor where that is smaller: a rejection shrinks the step at least as much as geometric backtracking would, and at
+most by a factor 10 per trial); when the model cannot be used (a non-finite latest loss, a slope that is not a finite negative
+number, a model without a boundary, or any non-finite intermediate) the new step is ``HI * eta_last`` (``LO *
+eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded as ``"safeguard"``, as it
+is when the clamp moved the model's value. So a rejected trial, whatever its loss (NaN, inf, rising, equal), always
+yields a finite step in ``[LO, HI] * eta_last``: strictly smaller, never zero or growing (on float64 underflow it is
+held at the smallest positive double). Every quantity here is a float64 Python float.
 """
 
 from __future__ import annotations
@@ -34,41 +37,24 @@ import math
 
 BACKTRACKING = ("geometric", "interpolate")
 #: safeguard interval of the new step as a fraction of the last one
-LO, HI = 0.1, 0.5
+LO, HI = 0.1, 0.9
+#: fraction of the model's boundary aimed at
+AIM = 0.95
 _TINY = 5e-324  # smallest positive double: a step never becomes 0
 
 
-def quadratic_step(f0: float, slope: float, a: float, fa: float) -> float:
-    """Minimiser of the quadratic with ``q(0) = f0``, ``q'(0) = slope``, ``q(a) = fa`` (nan when it has none)."""
+def boundary_step(f0: float, slope: float, a: float, fa: float, k: float, offset: float = 0.0) -> float:
+    """The largest ``eta`` with ``f0 - q(eta) >= k*eta - offset`` on the quadratic ``q`` with ``q(0) = f0``,
+    ``q'(0) = slope``, ``q(a) = fa``: the acceptance test's boundary on the model (nan when there is none)."""
     p = -slope * a
-    curv = fa - f0 + p  # (fa - f0 - slope*a): positive when the quadratic opens upwards
-    if not (math.isfinite(p) and math.isfinite(curv)) or p <= 0.0 or curv <= 0.0:
+    curv = fa - f0 + p
+    b = p - k * a
+    disc = b * b + 4.0 * curv * offset
+    if not all(map(math.isfinite, (p, curv, b, disc))) or p <= 0.0 or curv <= 0.0 or disc < 0.0:
         return math.nan
-    return a * (p / (2.0 * curv))
-
-
-def cubic_step(f0: float, slope: float, a0: float, fa0: float, a1: float, fa1: float) -> float:
-    """Minimiser of the cubic through ``f0, slope`` at 0 and ``(a0, fa0), (a1, fa1)`` (nan when it has none)."""
-    if not (a0 > 0.0 and a1 > 0.0) or a0 == a1:
-        return math.nan
-    x0, s = a0 / a1, slope * a1  # in units of a1: x1 = 1
-    r1 = fa1 - f0 - s
-    r0 = fa0 - f0 - s * x0
-    den = x0 * x0 * (1.0 - x0)
-    A = (x0 * x0 * r1 - r0) / den
-    B = (-(x0**3) * r1 + r0) / den
-    if not (math.isfinite(A) and math.isfinite(B) and math.isfinite(s)):
-        return math.nan
-    disc = B * B - 3.0 * A * s
-    if not (disc >= 0.0 and math.isfinite(disc)):
-        return math.nan
-    root = math.sqrt(disc)
-    # The same root written two ways, each free of cancellation on its side (the first also covers A == 0).
-    if B >= 0.0:
-        x = -s / (B + root) if B + root > 0.0 else math.nan
-    else:
-        x = (-B + root) / (3.0 * A) if A != 0.0 else math.nan
-    return x * a1 if math.isfinite(x) and x > 0.0 else math.nan
+    r = math.sqrt(disc)
+    x = (b + r) / (2.0 * curv) if b >= 0.0 else 2.0 * offset / (r - b)
+    return a * x if math.isfinite(x) and x > 0.0 else math.nan
 
 
 class Interpolator:
@@ -78,36 +64,31 @@ class Interpolator:
         f0: loss at ``w0``.
         slope: ``phi'(0)``, the directional derivative of the loss along the searched ray per unit of ``eta``
             (``g·d``; negative for a descent direction).
-        lo, hi: safeguard interval, as fractions of the last step.
+        k, offset: the acceptance test, ``f0 - f(trial) >= k*eta - offset``.
+        shrink: the optimizer's geometric factor (``beta_b``, SaLSa's ``shrink``): the upper safeguard is
+            ``min(HI, shrink)``, so a rejection never shrinks the step less than geometric backtracking would (and
+            the lower one ``min(LO, shrink)``).
     """
 
-    def __init__(self, f0: float, slope: float, lo: float = LO, hi: float = HI):
-        if not 0.0 < lo <= hi < 1.0:
-            raise ValueError(f"the safeguard interval must satisfy 0 < lo <= hi < 1, got lo={lo!r}, hi={hi!r}")
-        self.f0, self.slope, self.lo, self.hi = float(f0), float(slope), lo, hi
-        self._finite: list[tuple[float, float]] = []  # (eta, loss) of the rejected trials with a finite loss
+    def __init__(self, f0: float, slope: float, k: float, offset: float = 0.0, shrink: float = HI):
+        self.f0, self.slope, self.k, self.offset = float(f0), float(slope), float(k), float(offset)
+        self.hi = min(HI, float(shrink))
+        self.lo = min(LO, self.hi)
 
     def next(self, eta: float, ft: float) -> tuple[float, str]:
-        """The step after the rejected trial ``(eta, ft)``, and the rule that produced it: ``"quadratic"``,
-        ``"cubic"`` or ``"safeguard"``."""
+        """The step after the rejected trial ``(eta, ft)``, and the rule that produced it: ``"quadratic"`` or
+        ``"safeguard"``."""
         eta, ft = float(eta), float(ft)
         if not math.isfinite(ft):
             return max(self.lo * eta, _TINY), "safeguard"
         usable = math.isfinite(self.f0) and math.isfinite(self.slope) and self.slope < 0.0
-        if usable and self._finite:
-            rule = "cubic"
-            a0, fa0 = self._finite[-1]
-            new = cubic_step(self.f0, self.slope, a0, fa0, eta, ft)
-        else:
-            rule = "quadratic"
-            new = quadratic_step(self.f0, self.slope, eta, ft) if usable else math.nan
-        self._finite.append((eta, ft))
+        new = AIM * boundary_step(self.f0, self.slope, eta, ft, self.k, self.offset) if usable else math.nan
         lo, hi = self.lo * eta, self.hi * eta
         if not math.isfinite(new):
             return max(hi, _TINY), "safeguard"
         if new < lo or new > hi:
             return max(min(max(new, lo), hi), _TINY), "safeguard"
-        return max(new, _TINY), rule
+        return max(new, _TINY), "quadratic"
 
 
 def auto_start(f0: float, c: float, s: float) -> float | None:

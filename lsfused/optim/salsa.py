@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -91,12 +92,11 @@ class SaLSa(LineSearchOptimizer):
         init_step_size may be ``"auto"``: the first search starts at ``(a*D_prev + (1-a)*f(w0))/(c*G)``, the largest
             step the smoothed test can accept when the loss is >= 0 (``f(w0)/(c*s)`` on the first step).
         backtracking (str, default "geometric"): ``"geometric"`` is ``eta *= shrink``; ``"interpolate"`` as in
-            :class:`lsfused.SGDSLS`. The model is of the raw loss along the searched ray, ``phi(eta) = f(w0 +
+            :class:`lsfused.SGDSLS`: the model is of the raw loss along the searched ray, ``phi(eta) = f(w0 +
             eta*d)``, built from ``f(w0)``, the slope ``g·d`` (``g·dm`` with ``use_momentum_direction``) and the
-            rejected trial losses, not of the smoothed decrease: for a given eta the smoothed test is monotone in
-            ``f(trial)``, so the minimiser of ``phi`` is where it has the most room, and the smoothing state
-            (``D_prev``, ``G``) says nothing about the shape of this step's ray. The acceptance test stays the smoothed
-            one, and a failed search still ends at ``shrink`` times the last trial.
+            latest rejected trial loss, and the next step aims at where that model meets the smoothed test
+            ``a*D_prev + (1-a)*(f(w0) - phi(eta)) >= c*eta*G``. The acceptance test stays the smoothed one, and a
+            failed search still ends at ``shrink`` times the last trial.
         armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
         max_grad_norm (float, optional), loss_scale (optional): as in :class:`lsfused.SGDSLS`, which also
             describes ``"lr"`` and the step-size cap (all groups share one step size: the smallest cap applies).
@@ -280,6 +280,8 @@ class SaLSa(LineSearchOptimizer):
             direction,
             slope=slope,
             first_rule=first_rule,
+            # the smoothed test as f0 - ft >= k*eta - offset (a = 1 ignores ft: no boundary to aim at)
+            line=(c * G / (1.0 - a), a * D_prev / (1.0 - a)) if a < 1.0 else (math.inf, 0.0),
         )
         if accepted_D:
             st["D"] = accepted_D[-1]
