@@ -135,8 +135,9 @@ class RefBacktracking:
     ``lsfused.optim.interpolation``, written with numpy's polynomial roots instead of the closed forms: the quadratic
     ``phi(x) = f0 + slope*x + B x^2`` through the latest rejected trial, the largest positive root of
     ``f0 - phi(x) = k*x - offset`` (the acceptance test on the model), times 0.95, clamped to ``[lo, hi]`` times
-    the last step (``hi = min(0.9, shrink)``, ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root (or
-    ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``: ``eta * shrink``."""
+    the last step (``hi = min(0.9, shrink)``, ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root
+    (or ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``:
+    ``eta * shrink``."""
 
     def __init__(self, rule: str, f0: float, slope: float, shrink: float, k: float, offset: float = 0.0):
         self.rule, self.f0, self.slope, self.shrink, self.k, self.offset = rule, f0, slope, shrink, k, offset

@@ -21,14 +21,14 @@ minimiser keeps the accepted steps as large as geometric backtracking's: the ste
 ``gamma**(1/n_batches_per_epoch)`` per step, so every step lost to a cautious search stays lost for the rest of a
 run (``docs/backtracking.md`` has the measurements of both aims).
 
-Safeguards: every new step is kept in ``[LO, HI] * eta_last`` (0.1 and 0.9, HI lowered to the optimizer's geometric
-factor where that is smaller: a rejection shrinks the step at least as much as geometric backtracking would, and at
-most by a factor 10 per trial); when the model cannot be used (a non-finite latest loss, a slope that is not a finite negative
-number, a model without a boundary, or any non-finite intermediate) the new step is ``HI * eta_last`` (``LO *
-eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded as ``"safeguard"``, as it
-is when the clamp moved the model's value. So a rejected trial, whatever its loss (NaN, inf, rising, equal), always
-yields a finite step in ``[LO, HI] * eta_last``: strictly smaller, never zero or growing (on float64 underflow it is
-held at the smallest positive double). Every quantity here is a float64 Python float.
+Safeguards: every new step is kept in ``[LO, HI] * eta_last`` (0.1 and 0.9; HI lowered to the optimizer's
+geometric factor where that is smaller: a rejection shrinks the step at least as much as geometric backtracking
+would, and at most by a factor 10 per trial). When the model cannot be used (a non-finite latest loss, a slope that
+is not a finite negative number, a model without a boundary, or any non-finite intermediate) the new step is
+``HI * eta_last`` (``LO * eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded
+as ``"safeguard"``, as it is when the clamp moved the model's value. So a rejected trial, whatever its loss (NaN,
+inf, rising, equal), always yields a finite step in ``[LO, HI] * eta_last``: strictly smaller, never zero or growing
+(on float64 underflow it is held at the smallest positive double). Every quantity here is a float64 Python float.
 """
 
 from __future__ import annotations
