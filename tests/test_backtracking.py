@@ -19,7 +19,7 @@ from torch import nn
 
 import lsfused
 from lsfused import diagnostics
-from lsfused.optim.interpolation import AIM, HI, LO, Interpolator, auto_start, boundary_step
+from lsfused.optim.interpolation import AIM, HI, HI_FAR, LO, Interpolator, auto_start, boundary_step
 
 DTYPE = torch.float64
 
@@ -69,20 +69,22 @@ def test_interpolator_aims_inside_the_boundary_of_the_latest_trial():
 
 
 @pytest.mark.parametrize(
-    "ft, rule, factor",
+    "ft, k, rule, factor",
     [
-        (math.nan, "safeguard", LO),
-        (math.inf, "safeguard", LO),
-        (-math.inf, "safeguard", LO),
-        (1e300, "safeguard", LO),  # rising far: the boundary is tiny -> clamped up
-        (1.0, "quadratic", AIM * 0.9),  # equal to f0: the boundary is (1 - c) = 0.9 of the step
-        (0.985, "safeguard", HI),  # a near miss (the test needs 0.98): boundary 0.973 * AIM of it -> clamped to 0.9
+        (math.nan, 0.1, "safeguard", LO),
+        (math.inf, 0.1, "safeguard", LO),
+        (-math.inf, 0.1, "safeguard", LO),
+        (1e300, 0.1, "safeguard", LO),  # rising far: the boundary is tiny -> clamped up
+        (1.0, 0.1, "safeguard", HI_FAR),  # equal to f0, a far miss: boundary 0.9*AIM of the step -> clamped to 0.5
+        (0.991, 0.1, "safeguard", HI_FAR),  # decrease 0.009 < NEAR * 0.02 asked: far, though the model says 0.9
+        (0.985, 0.1, "safeguard", HI),  # a near miss (0.015 of 0.02): boundary 0.973*AIM of it -> clamped to 0.9
+        (0.96, 0.3, "quadratic", AIM * 0.14 / 0.16),  # a near miss (0.04 of 0.06) inside the interval
     ],
 )
-def test_adversarial_first_trial_losses(ft, rule, factor):
-    it = Interpolator(1.0, -1.0, 0.1)
-    eta, got = it.next(0.2, ft)
-    assert got == rule and eta == pytest.approx(factor * 0.2, rel=1e-15)
+def test_adversarial_first_trial_losses(ft, k, rule, factor):
+    # f0 = 1, slope -1, a trial at 0.2: the test asks for a decrease of 0.2*k
+    eta, got = Interpolator(1.0, -1.0, k).next(0.2, ft)
+    assert got == rule and eta == pytest.approx(factor * 0.2, rel=1e-14)
 
 
 @pytest.mark.parametrize("slope", [0.0, 1.0, math.nan, math.inf, -math.inf])

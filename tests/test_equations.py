@@ -135,7 +135,8 @@ class RefBacktracking:
     ``lsfused.optim.interpolation``, written with numpy's polynomial roots instead of the closed forms: the quadratic
     ``phi(x) = f0 + slope*x + B x^2`` through the latest rejected trial, the largest positive root of
     ``f0 - phi(x) = k*x - offset`` (the acceptance test on the model), times 0.95, clamped to ``[lo, hi]`` times
-    the last step (``hi = min(0.9, shrink)``, ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root
+    the last step (``hi = min(0.9, shrink)``, at most 0.5 when the trial's decrease is less than half of what the
+    test asks; ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root
     (or ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``:
     ``eta * shrink``."""
 
@@ -159,6 +160,8 @@ class RefBacktracking:
         lo = min(0.1, hi)
         if not math.isfinite(ft):
             return lo * eta
+        if not self.f0 - ft >= 0.5 * (self.k * eta - self.offset):  # a far miss: at most half the step
+            hi = min(hi, 0.5)
         x = self._boundary(eta, ft)
         return hi * eta if x is None else min(max(0.95 * x, lo * eta), hi * eta)
 

@@ -6,9 +6,10 @@ correctly rounded square root, the decision sums formed from float64 copies of t
 full-size float64 temporaries per step (about 150x fused Adam on bert-base). This backend computes the same
 quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so the temporaries stay in cache:
 
-    v     = b2*v + (1-b2)*g*g            (addcmul: one rounding fewer than the reference's ((1-b2)*g)*g)
-    denom = sqrt(v/(1-b2^k)) + eps       (torch's sqrt, which may be an ulp off the correctly rounded one)
-    d     = -(g/denom);  dm = -(m/denom)/(1-b1^k)
+    v     = lerp(v, g*g, 1-b2)           (v + (1-b2)*(g*g - v): b2*v + (1-b2)*g*g rounded differently)
+    m     = lerp(m, g, 1-b1)
+    q     = sqrt(v) + eps*sqrt(1-b2^k)   (= sqrt(1-b2^k) * denom; torch's sqrt, maybe an ulp off)
+    d     = -sqrt(1-b2^k) * g/q;  dm = -(sqrt(1-b2^k)/(1-b1^k)) * m/q      (one addcdiv each)
     gg = sum(g*g), dd = sum(d*d), gd = sum(g*d), gdm = sum(g*dm): state-dtype products, summed per chunk in the
             state dtype (cascaded), the chunks' sums in float64
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
@@ -74,6 +75,7 @@ def direction_and_norms(
     width = len(HP_COLUMNS)
     sums: list[list[Tensor]] = []
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
+    zero_s = torch.zeros((), dtype=d.dtype, device=d.device)
     longest = max((b - a for a, b in spans), default=0)
     scratch_full = torch.empty(
         min(CHUNK, longest) if g.device.type == "cpu" else longest, dtype=d.dtype, device=d.device
@@ -89,20 +91,23 @@ def direction_and_norms(
                 w0c.copy_(wc)
             else:
                 w0c.copy_(wc.to(w0.dtype) * wd_scale)
-            gg = _dot(gc, gc, scratch)
+            torch.mul(gc, gc, out=scratch)
+            gg = scratch.sum().double()
             if mode == MODE_SGD:
                 torch.neg(gc, out=dc)
                 part = [gg, gg, -gg, gg, zero]
             else:
                 if m is not None:
-                    m[i:j].mul_(b1).add_(gc, alpha=1.0 - b1)
-                v[i:j].mul_(b2).addcmul_(gc, gc, value=1.0 - b2)
-                torch.mul(v[i:j], 1.0 / (sqrt_bc2 * sqrt_bc2), out=dc).sqrt_().add_(eps)  # denom, in d for now
+                    m[i:j].lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
+                v[i:j].lerp_(scratch, 1.0 - b2)  # b2*v + (1-b2)*g*g
+                # sqrt_bc2 * denom = sqrt(v) + eps*sqrt_bc2, in d for now; d = -g/denom = -sqrt_bc2 * g/(that)
+                torch.sqrt(v[i:j], out=dc).add_(eps * sqrt_bc2)
                 gdm = zero
                 if dm is not None:
-                    torch.div(m[i:j] if m is not None else gc, dc, out=dm[i:j]).mul_(-1.0 / bc1)
+                    src = m[i:j] if m is not None else gc
+                    torch.addcdiv(zero_s, src, dc, value=-sqrt_bc2 / bc1, out=dm[i:j])
                     gdm = _dot(gc, dm[i:j], scratch)
-                torch.div(gc, dc, out=dc).neg_()
+                torch.addcdiv(zero_s, gc, dc, value=-sqrt_bc2, out=dc)
                 gd = _dot(gc, dc, scratch)
                 part = [-gd, gg, gd, _dot(dc, dc, scratch), gdm]
             acc = [x + y for x, y in zip(acc, part, strict=True)]

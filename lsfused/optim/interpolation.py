@@ -23,12 +23,16 @@ run (``docs/backtracking.md`` has the measurements of both aims).
 
 Safeguards: every new step is kept in ``[LO, HI] * eta_last`` (0.1 and 0.9; HI lowered to the optimizer's
 geometric factor where that is smaller: a rejection shrinks the step at least as much as geometric backtracking
-would, and at most by a factor 10 per trial). When the model cannot be used (a non-finite latest loss, a slope that
-is not a finite negative number, a model without a boundary, or any non-finite intermediate) the new step is
-``HI * eta_last`` (``LO * eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded
-as ``"safeguard"``, as it is when the clamp moved the model's value. So a rejected trial, whatever its loss (NaN,
-inf, rising, equal), always yields a finite step in ``[LO, HI] * eta_last``: strictly smaller, never zero or growing
-(on float64 underflow it is held at the smallest positive double). Every quantity here is a float64 Python float.
+would, and at most by a factor 10 per trial). After a far miss (the trial's decrease is less than ``NEAR = 0.5`` of
+what the test asks for, or the loss rose) the upper bound is ``HI_FAR = 0.5``, N&W's: such a trial lies beyond the
+valley, where the quadratic extrapolates badly (a loss that flattens out along the ray, as a transformer's does at
+the first steps, makes the boundary look close to the trial and the search would creep down by 10% per trial).
+When the model cannot be used (a non-finite latest loss, a slope that is not a finite negative number, a model
+without a boundary, or any non-finite intermediate) the new step is the upper bound times ``eta_last`` (``LO *
+eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded as ``"safeguard"``, as it is
+when the clamp moved the model's value. So a rejected trial, whatever its loss (NaN, inf, rising, equal), always
+yields a finite step in ``[LO, HI] * eta_last``: strictly smaller, never zero or growing (on float64 underflow it is
+held at the smallest positive double). Every quantity here is a float64 Python float.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ BACKTRACKING = ("geometric", "interpolate")
 LO, HI = 0.1, 0.9
 #: fraction of the model's boundary aimed at
 AIM = 0.95
+#: a rejected trial is a near miss when its decrease is at least NEAR of what the test asks; else the upper
+#: safeguard is HI_FAR (Nocedal & Wright's 0.5)
+NEAR, HI_FAR = 0.5, 0.5
 _TINY = 5e-324  # smallest positive double: a step never becomes 0
 
 
@@ -83,7 +90,11 @@ class Interpolator:
             return max(self.lo * eta, _TINY), "safeguard"
         usable = math.isfinite(self.f0) and math.isfinite(self.slope) and self.slope < 0.0
         new = AIM * boundary_step(self.f0, self.slope, eta, ft, self.k, self.offset) if usable else math.nan
-        lo, hi = self.lo * eta, self.hi * eta
+        # A far miss (less than NEAR of the decrease the test asks for, or a loss that rose) lies beyond the valley:
+        # the quadratic extrapolates badly from there (a loss that flattens out makes its boundary look close to the
+        # trial), so N&W's upper safeguard holds. A near miss is where the model is good: aim at its boundary.
+        far = not self.f0 - ft >= NEAR * (self.k * eta - self.offset)
+        lo, hi = self.lo * eta, (min(self.hi, HI_FAR) if far else self.hi) * eta
         if not math.isfinite(new):
             return max(hi, _TINY), "safeguard"
         if new < lo or new > hi:
