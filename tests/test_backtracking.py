@@ -89,7 +89,8 @@ def test_adversarial_first_trial_losses(ft, k, rule, factor):
 
 @pytest.mark.parametrize("slope", [0.0, 1.0, math.nan, math.inf, -math.inf])
 def test_unusable_slope_falls_back_to_the_upper_bound(slope):
-    assert Interpolator(1.0, slope, 0.1).next(0.2, 3.0) == (HI * 0.2, "safeguard")
+    assert Interpolator(1.0, slope, 0.1).next(0.2, 0.5) == (HI * 0.2, "safeguard")  # the loss fell: a near miss
+    assert Interpolator(1.0, slope, 0.1).next(0.2, 3.0) == (HI_FAR * 0.2, "safeguard")  # it rose: a far miss
 
 
 def test_safeguards_never_shrink_less_than_the_geometric_factor():
