@@ -24,8 +24,8 @@ _FP32_COLUMNS = ("s", "gg", "gd", "dd")
 #: where a trial's step size came from: the first step's init_step_size, the init_step_size="auto" bound, the previous
 #: step size grown (Eq. 2 / SaLSa's growth), the PLASLS joint check's tau = 1, eta*beta_b (or SaLSa's shrink), the
 #: quadratic interpolation (aimed at the acceptance test's boundary on the model), or its safeguard (clamped to
-#: [0.1, 0.9] times the last step, [0.1, 0.5] after a far miss, or the model could not be used). See
-#: lsfused.optim.interpolation.
+#: [0.1, 0.9] times the last step, or less where beta_b/shrink is smaller, [0.1, 0.5] after a far miss; or the model
+#: could not be used). See lsfused.optim.interpolation.
 RULES = ("init", "auto", "grow", "joint", "geometric", "quadratic", "safeguard")
 
 

@@ -34,16 +34,23 @@ def test_boundary_step_of_a_hand_worked_parabola():
     assert boundary_step(2.0, -4.0, 0.5, 2.0, 0.4) == pytest.approx(0.45, rel=1e-15)
     # k = 0: the model's own root 2 - phi(x) = 0, x = 0.5
     assert boundary_step(2.0, -4.0, 1.0, 6.0, 0.0) == 0.5
-    # an offset (SaLSa's smoothed test): 2 - phi(x) >= 4.4x - 0.2 <=> 8x^2 + 0.4x - 0.2 <= 0 -> x = 0.1 * 1.5
-    # (roots of 40x^2 + 2x - 1: (-2 ± 12.65)/80 -> 0.13312...; written out: (-0.4 + sqrt(0.16 + 6.4)) / 16)
+    # an offset (SaLSa's smoothed test): 2 - phi(x) >= 4.4x - 0.2 <=> 8x^2 + 0.4x - 0.2 <= 0, larger root
+    # (-0.4 + sqrt(0.16 + 6.4)) / 16 = 0.1351...
     want = (-0.4 + math.sqrt(0.16 + 6.4)) / 16.0
     assert boundary_step(2.0, -4.0, 1.0, 6.0, 4.4, 0.2) == pytest.approx(want, rel=1e-14)
 
 
-def test_boundary_step_survives_tiny_step_sizes():
-    # the same parabola scaled to x ~ 1e-200: phi(x) = 2 - 4x/s + 8x^2/s^2
-    s = 1e-200
+@pytest.mark.parametrize("s", [1e-200, 1e-170, 1e170])
+def test_boundary_step_survives_extreme_scales(s):
+    # the same parabola scaled to x ~ s: phi(x) = 2 - 4x/s + 8x^2/s^2 (b^2 would under- or overflow at these scales)
     assert boundary_step(2.0, -4.0 / s, s, 6.0, 0.4 / s) == pytest.approx(0.45 * s, rel=1e-14)
+    assert boundary_step(2.0, -4.0 / s, s, 6.0, 4.4 / s, 0.2) == pytest.approx(
+        (-0.4 + math.sqrt(0.16 + 6.4)) / 16.0 * s, rel=1e-13
+    )
+    # a negative offset (a test stricter than Armijo's): 8x^2 - 3.6x + 0.2 <= 0, larger root (3.6 + sqrt(6.56))/16
+    assert boundary_step(2.0, -4.0 / s, s, 6.0, 0.4 / s, -0.2) == pytest.approx(
+        (3.6 + math.sqrt(12.96 - 6.4)) / 16.0 * s, rel=1e-13
+    )
 
 
 def test_no_boundary_when_the_model_has_none():

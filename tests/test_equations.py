@@ -133,15 +133,15 @@ class AdamMoments:
 class RefBacktracking:
     """The next step size after a rejected trial, from the docstrings of ``backtracking`` and
     ``lsfused.optim.interpolation``, written with numpy's polynomial roots instead of the closed forms: the quadratic
-    ``phi(x) = f0 + slope*x + B x^2`` through the latest rejected trial, the largest positive root of
-    ``f0 - phi(x) = k*x - offset`` (the acceptance test on the model), times 0.95, clamped to ``[lo, hi]`` times
-    the last step (``hi = min(0.9, shrink)``, at most 0.5 when the trial's decrease is less than half of what the
-    test asks; ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root
-    (or ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``:
+    ``phi(x) = f0 + slope*x + B x^2`` through the latest rejected trial, the largest positive root of ``poly(B)``
+    (the acceptance test written out on the model by the caller, from the optimizer's test itself), times 0.95,
+    clamped to ``[lo, hi]`` times the last step (``hi = min(0.9, shrink)``, at most 0.5 after a far miss, which the
+    caller's ``far(eta, ft)`` tells; ``lo = min(0.1, hi)``); ``hi`` times it when there is no such root (or
+    ``B <= 0``, or the slope is not negative), ``lo`` times it after a non-finite loss. ``"geometric"``:
     ``eta * shrink``."""
 
-    def __init__(self, rule: str, f0: float, slope: float, shrink: float, k: float, offset: float = 0.0):
-        self.rule, self.f0, self.slope, self.shrink, self.k, self.offset = rule, f0, slope, shrink, k, offset
+    def __init__(self, rule: str, f0: float, slope: float, shrink: float, poly, far):
+        self.rule, self.f0, self.slope, self.shrink, self.poly, self.far = rule, f0, slope, shrink, poly, far
 
     def _boundary(self, a: float, fa: float) -> float | None:
         if not (math.isfinite(self.slope) and self.slope < 0.0):
@@ -149,8 +149,7 @@ class RefBacktracking:
         B = (fa - self.f0 - self.slope * a) / a**2
         if not B > 0.0:
             return None
-        roots = np.roots([B, self.slope + self.k, -self.offset])
-        good = [r.real for r in roots if abs(r.imag) == 0.0 and r.real > 0.0]
+        good = [r.real for r in np.roots(self.poly(B)) if abs(r.imag) == 0.0 and r.real > 0.0]
         return max(good) if good else None
 
     def next(self, eta: float, ft: float) -> float:
@@ -160,7 +159,7 @@ class RefBacktracking:
         lo = min(0.1, hi)
         if not math.isfinite(ft):
             return lo * eta
-        if not self.f0 - ft >= 0.5 * (self.k * eta - self.offset):  # a far miss: at most half the step
+        if self.far(eta, ft):
             hi = min(hi, 0.5)
         x = self._boundary(eta, ft)
         return hi * eta if x is None else min(max(0.95 * x, lo * eta), hi * eta)
@@ -258,7 +257,12 @@ class ReferenceArmijoSLS:
         eta = self.eta[searched[0]]
         # the slope along d: g·d, summed over the searched parameters
         slope = math.fsum(float((grads[pi] * dirs.d[pi]).sum()) for gi in searched for pi in self.groups[gi])
-        rule = RefBacktracking(self.backtracking, f0, slope, self.beta_b, self.c * s)
+        # Armijo on the model f0 + slope*x + B*x^2 <= f0 - c*x*s; a far miss: under half the decrease asked
+        rule = RefBacktracking(
+            self.backtracking, f0, slope, self.beta_b,
+            poly=lambda B: [B, slope + self.c * s, 0.0],
+            far=lambda eta, ft: not f0 - ft >= 0.5 * self.c * eta * s,
+        )  # fmt: skip
         outcome, trial = "failed", w0
         for t in range(1, self.max_backtracks + 1):
             trial = self._moved(w0, dirs.d, dict.fromkeys(searched, eta))
@@ -361,8 +365,14 @@ class ReferenceSaLSa:
             return RefRecord(f0, "skipped", 0, (self.eta,))
         direction = dirs.dm if self.use_momentum_direction else dirs.d
         slope = math.fsum(float((g * d).sum()) for g, d in zip(grads, direction, strict=True))
-        k, offset = self.c * self.G / (1.0 - a), a * self.D / (1.0 - a)  # the smoothed test on the model
-        rule = RefBacktracking(self.backtracking, f0, slope, self.shrink, k, offset)
+        # the smoothed test a*D + (1-a)*(f0 - ft) >= c*eta*G with ft = f0 + slope*x + B*x^2; a far miss: the trial's
+        # share (1-a)*(f0 - ft) under half of what it must bring, c*eta*G - a*D
+        G, D = self.G, self.D
+        rule = RefBacktracking(
+            self.backtracking, f0, slope, self.shrink,
+            poly=lambda B: [(1.0 - a) * B, (1.0 - a) * slope + self.c * G, -a * D],
+            far=lambda eta, ft: not (1.0 - a) * (f0 - ft) >= 0.5 * (self.c * eta * G - a * D),
+        )  # fmt: skip
         eta, outcome = eta0, "failed"
         for t in range(1, self.max_backtracks + 1):
             self.w = axpy(w0, eta, direction)  # the last trial is kept, accepted or not

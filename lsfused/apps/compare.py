@@ -219,6 +219,7 @@ def run(
             raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join((*OPTIMIZERS, TUNED_ADAM))}")
     if not seeds:
         raise ValueError("at least one seed is needed")
+    optimizers = list(dict.fromkeys(optimizers))  # a name given twice is one row
     if TUNED_ADAM in optimizers and not sweep_lrs:
         raise ValueError("adam-tuned needs learning rates to sweep")
 

@@ -14,7 +14,7 @@ quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so
             the state dtype; the chunks' sums in float64
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
 
-So the buffers may differ from the reference in the last bits and the sums by about 1e-6 relative (the decisions
+So the buffers may differ from the reference in the last bits and the sums by a few 1e-6 relative (the decisions
 agree unless a trial's Armijo test is that close to its threshold); the step is still a transaction (``w0`` is an
 exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend when neither the C++ extension nor
 Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on a 2-core Zen 1, an accepted

@@ -23,10 +23,11 @@ run (``docs/backtracking.md`` has the measurements of both aims).
 
 Safeguards: every new step is kept in ``[LO, HI] * eta_last`` (0.1 and 0.9; HI lowered to the optimizer's
 geometric factor where that is smaller: a rejection shrinks the step at least as much as geometric backtracking
-would, and at most by a factor 10 per trial). After a far miss (the trial's decrease is less than ``NEAR = 0.5`` of
-what the test asks for, or the loss rose) the upper bound is ``HI_FAR = 0.5``, N&W's: such a trial lies beyond the
-valley, where the quadratic extrapolates badly (a loss that flattens out along the ray, as a transformer's does at
-the first steps, makes the boundary look close to the trial and the search would creep down by 10% per trial).
+would, and by at most a factor 10 per trial unless that factor is smaller still). After a far miss (the trial's
+decrease is less than ``NEAR = 0.5`` of what the test asks for, or the loss rose) the upper bound is
+``HI_FAR = 0.5``, N&W's: such a trial lies beyond the valley, where the quadratic extrapolates badly (a loss that
+flattens out along the ray, as a transformer's does at the first steps, makes the boundary look close to the trial
+and the search would creep down by 10% per trial).
 When the model cannot be used (a non-finite latest loss, a slope that is not a finite negative number, a model
 without a boundary, or any non-finite intermediate) the new step is the upper bound times ``eta_last`` (``LO *
 eta_last`` after a non-finite loss: the trial was far too long) and the rule is recorded as ``"safeguard"``, as it is
@@ -56,11 +57,20 @@ def boundary_step(f0: float, slope: float, a: float, fa: float, k: float, offset
     p = -slope * a
     curv = fa - f0 + p
     b = p - k * a
-    disc = b * b + 4.0 * curv * offset
-    if not all(map(math.isfinite, (p, curv, b, disc))) or p <= 0.0 or curv <= 0.0 or disc < 0.0:
+    if not all(map(math.isfinite, (p, curv, b, offset))) or p <= 0.0 or curv <= 0.0:
         return math.nan
-    r = math.sqrt(disc)
-    x = (b + r) / (2.0 * curv) if b >= 0.0 else 2.0 * offset / (r - b)
+    if offset == 0.0:
+        x = b / curv
+    else:
+        # r = sqrt(b^2 + 4*curv*offset) without squaring b (no overflow or underflow at any scale)
+        t = 2.0 * math.sqrt(curv * abs(offset))
+        if offset > 0.0:
+            r = math.hypot(b, t)
+        elif abs(b) >= t:
+            r = math.sqrt((abs(b) - t) * (abs(b) + t))
+        else:
+            return math.nan
+        x = (b + r) / (2.0 * curv) if b >= 0.0 else 2.0 * offset / (r - b)
     return a * x if math.isfinite(x) and x > 0.0 else math.nan
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -280,8 +279,7 @@ class SaLSa(LineSearchOptimizer):
             direction,
             slope=slope,
             first_rule=first_rule,
-            # the smoothed test as f0 - ft >= k*eta - offset (a = 1 ignores ft: no boundary to aim at)
-            line=(c * G / (1.0 - a), a * D_prev / (1.0 - a)) if a < 1.0 else (math.inf, 0.0),
+            line=(c * G / (1.0 - a), a * D_prev / (1.0 - a)),  # the smoothed test as f0 - ft >= k*eta - offset
         )
         if accepted_D:
             st["D"] = accepted_D[-1]

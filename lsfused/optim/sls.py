@@ -315,8 +315,9 @@ class SGDSLS(_ArmijoSLS):
         backtracking (str, default "geometric"): the next step size after a rejected trial. ``"geometric"``:
             ``eta *= beta_b`` (the paper's rule). ``"interpolate"``: 0.95 times the largest step the Armijo test
             accepts on the quadratic model of the loss along the ray through ``f(w0)``, the slope ``g·d`` (known
-            from Pass A) and the latest rejected trial, kept in ``[0.1, min(0.9, beta_b)]`` times the last step, and
-            in ``[0.1, 0.5]`` after a far miss (a decrease under half of what the test asks): Nocedal & Wright,
+            from Pass A) and the latest rejected trial, kept in ``[0.1, 0.9]`` times the last step (both bounds at
+            most ``beta_b``), and in ``[0.1, 0.5]`` after a far miss (a decrease under half of what the test asks):
+            Nocedal & Wright,
             Sec. 3.5, aimed at the test's boundary instead of the model's minimiser (formulas and safeguards in
             ``lsfused.optim.interpolation``). A trial that overshoots by far costs one forward per factor 2-10
             instead of one per ``beta_b``, and a rejection never shrinks the step less than ``beta_b`` would. See
