@@ -14,13 +14,14 @@ quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so
             the state dtype; the chunks' sums in float64
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
 
-So the buffers may differ from the reference in the last bits and the sums by a few 1e-6 relative (the decisions
-agree unless a trial's Armijo test is that close to its threshold); the step is still a transaction (``w0`` is an
+So the buffers may differ from the reference in the last bits and the sums by about 1e-7 relative (``gdm``, a signed
+sum: up to about 2e-5; the decisions agree unless a trial's Armijo test is that close to its threshold); the step is still a transaction (``w0`` is an
 exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend when neither the C++ extension nor
 Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on a 2-core Zen 1, an accepted
-AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``: 3.2-3.9x fused Adam on
-bert-base's parameters and 2.9-3.6x on 1M parameters in 20 tensors (three runs; the op sequence before the
-lerp/addcdiv/dot rewrite: 3.8-4.7x and 3.7-3.9x in the same runs; the reference: about 150x; the C++ backend: 1.7x).
+AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``: 2.8-3.2x fused Adam on
+bert-base's parameters and 2.7-3.3x on 1M parameters in 20 tensors (three runs; the op sequence before the
+lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: about 150x; the C++
+backend: 1.7x).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from torch import Tensor
 from lsfused import reference
 from lsfused.reference import HP_COLUMNS, MODE_SGD, NORM_COLUMNS, pairs
 
-#: elements per chunk: a few buffers of this many fp32 elements fit in a CPU's L2/L3 cache together
-CHUNK = int(os.environ.get("LSFUSED_FAST_CHUNK", 1 << 18))
+#: elements per chunk: a few buffers of this many fp32 elements fit in a CPU's L3 cache together, and each torch op's
+#: fixed cost (microseconds) is spread over enough elements (2^19 measured fastest of 2^16..2^22 on bert-base here)
+CHUNK = int(os.environ.get("LSFUSED_FAST_CHUNK", 1 << 19))
 
 
 def _chunks(a: int, b: int, device: torch.device):
@@ -46,9 +48,10 @@ def _chunks(a: int, b: int, device: torch.device):
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """``sum(x*y)`` as a float64 0-d tensor (no host sync): the chunk's BLAS dot in the state dtype (relative error a
-    few 1e-6 in fp32 for a signed sum of 2^18 terms; half the time of a product and a cascaded sum), the chunks'
-    sums added in float64. A float64 reduction of fp32 data is not vectorized in torch: it costs 20-30x more."""
+    """``sum(x*y)`` as a float64 0-d tensor (no host sync): the chunk's BLAS dot in the state dtype, the chunks' sums
+    added in float64; half the time of a product and a cascaded sum. Relative error, fp32, 2^19 random terms
+    (measured): about 1e-7 when the terms share a sign (``gd``, ``dd``), 1e-6 to 2e-5 of the result for a signed sum
+    (``gdm``). A float64 reduction of fp32 data is not vectorized in torch: it costs 20-30x more."""
     return torch.dot(x, y).double()
 
 
