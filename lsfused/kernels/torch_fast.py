@@ -15,13 +15,13 @@ quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
 
 So the buffers may differ from the reference in the last bits and the sums by about 1e-7 relative (``gdm``, a signed
-sum: up to about 2e-5; the decisions agree unless a trial's Armijo test is that close to its threshold); the step is still a transaction (``w0`` is an
-exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend when neither the C++ extension nor
-Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on a 2-core Zen 1, an accepted
-AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``: 2.8-3.2x fused Adam on
-bert-base's parameters and 2.7-3.3x on 1M parameters in 20 tensors (three runs; the op sequence before the
-lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: about 150x; the C++
-backend: 1.7x).
+sum: up to about 2e-5; the decisions agree unless a trial's Armijo test is that close to its threshold); the step is
+still a transaction (``w0`` is an exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend
+when neither the C++ extension nor Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on
+a 2-core Zen 1, an accepted AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``:
+2.8-3.2x fused Adam on bert-base's parameters and 2.7-3.3x on 1M parameters in 20 tensors (three runs; the op
+sequence before the lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: about
+150x; the C++ backend: 1.7x).
 """
 
 from __future__ import annotations
