@@ -98,8 +98,8 @@ class Interpolator:
         eta, ft = float(eta), float(ft)
         if not math.isfinite(ft):
             return max(self.lo * eta, _TINY), "safeguard"
-        usable = math.isfinite(self.f0) and math.isfinite(self.slope) and self.slope < 0.0
-        new = AIM * boundary_step(self.f0, self.slope, eta, ft, self.k, self.offset) if usable else math.nan
+        # nan when f0 or the slope is unusable (non-finite, or not a descent): boundary_step checks them
+        new = AIM * boundary_step(self.f0, self.slope, eta, ft, self.k, self.offset)
         # A far miss (less than NEAR of the decrease the test asks for, or a loss that rose) lies beyond the valley:
         # the quadratic extrapolates badly from there (a loss that flattens out makes its boundary look close to the
         # trial), so N&W's upper safeguard holds. A near miss is where the model is good: aim at its boundary.
