@@ -362,13 +362,13 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
       gg = keep_first(gg, cnt);
       gd = keep_first(gd, cnt);
       dd = keep_first(dd, cnt);
-      gdm = keep_first(gdm, cnt);
+      if constexpr (HAS_DM) gdm = keep_first(gdm, cnt);
     }
     acc_s = acc_s + s;
     acc_gg = acc_gg + gg;
     acc_gd = acc_gd + gd;
     acc_dd = acc_dd + dd;
-    acc_gdm = acc_gdm + gdm;
+    if constexpr (HAS_DM) acc_gdm = acc_gdm + gdm;
   };
 
   int64_t i = 0;
@@ -491,22 +491,29 @@ void absorbed_t(const void* w_, const void* w0_, const void* d_, int64_t begin, 
   }
 }
 
-// One read of g: the number of non-finite entries (exponent all ones <=> inf or NaN) and the float64 sum of g*g,
-// with 8 lane accumulators added in a fixed order (so the sum depends only on the chunk's elements). Zero-padded
-// tail lanes add 0.
+// One read of g: the float64 sum of g*g, with 8 lane accumulators added in a fixed order (so the sum depends only on
+// the chunk's elements; zero-padded tail lanes add 0), and the number of non-finite entries (exponent all ones <=>
+// inf or NaN). The sum is finite when every entry is (an fp32/fp16/bf16 square is below 2^256; an fp64 one may
+// overflow, which only costs the count below), so the entries are counted only when it is not: the count loop
+// alone made this check cost more than a read of g.
 template <class P, class U, U EXP>
 int64_t grad_check_t(const void* g_, int64_t begin, int64_t n, double* sumsq) {
   const P* g = static_cast<const P*>(g_) + begin;
-  const U* bits = static_cast<const U*>(g_) + begin;
-  int64_t count = 0;
   D acc = {};
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int cnt = n - i < kLanes ? static_cast<int>(n - i) : kLanes;
-    const D x = to_f64(load_n(g + i, cnt));
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const D x = to_f64(Param<P>::load(g + i));
     acc = acc + x * x;
-    for (int j = 0; j < cnt; ++j) count += (bits[i + j] & EXP) == EXP;
+  }
+  if (i < n) {
+    const D x = to_f64(load_n(g + i, static_cast<int>(n - i)));
+    acc = acc + x * x;
   }
   *sumsq = lane_sum(acc);
+  if (__builtin_isfinite(*sumsq)) return 0;
+  const U* bits = static_cast<const U*>(g_) + begin;
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += (bits[j] & EXP) == EXP;
   return count;
 }
 

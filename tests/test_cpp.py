@@ -147,6 +147,17 @@ def test_grad_check_counts_nonfinite_and_sums_squares(dtype):
 
 
 @needs_cpp
+def test_grad_check_fp64_overflow_is_not_a_nonfinite_entry():
+    # Entries are counted only when the sum of squares is not finite; an fp64 square may overflow on finite entries.
+    from lsfused.kernels import cpp_ops
+
+    g = torch.full((1000,), 1e200, dtype=torch.float64)
+    assert cpp_ops.grad_check(g) == (0, math.inf)
+    g[999] = -math.inf
+    assert cpp_ops.grad_check(g) == (1, math.inf)
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_absorbed_counts_match_reference(dtype):
     from lsfused.kernels import cpp_ops
