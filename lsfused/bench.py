@@ -240,14 +240,14 @@ class _Script:
 
     def __init__(self, rejections: int):
         self.rejections, self.calls = rejections, 0
-        self.loss = torch.tensor(1.0)
+        self.loss, self._reject, self._accept = torch.tensor(1.0), torch.tensor(math.inf), torch.tensor(-1e9)
 
     def reset(self) -> None:
         self.calls = 0
 
     def __call__(self) -> torch.Tensor:
         self.calls += 1
-        return torch.tensor(math.inf) if self.calls <= self.rejections else torch.tensor(-1e9)
+        return self._reject if self.calls <= self.rejections else self._accept
 
 
 def _lsfused_step(opt, script):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _signal
 import math
 import signal
 import threading
@@ -93,7 +94,7 @@ def check_loss(value: Any, where: str) -> float:
         raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)} {where}")
     if value.is_complex():
         raise ValueError(f"the closure returned a complex loss {where}")
-    return float(value.detach().reshape(()).to("cpu", torch.float64))
+    return float(value.item())  # exact: every floating dtype converts to a Python float (float64) exactly
 
 
 _BACKWARD_REFUSED = (
@@ -128,16 +129,20 @@ def _backward_refused() -> Iterator[None]:
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done, for the few passes that must not stop half way."""
-    handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+    # _signal: the signal module's C functions, without its enum conversions (most of this block's cost per step).
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _signal.getsignal(signal.SIGINT)
+    if not callable(handler):
         yield
         return
     received: list[tuple[int, Any]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    _signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
+        _signal.signal(signal.SIGINT, handler)
         if received:
             handler(*received[0])
 
@@ -400,27 +405,26 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
         With a ``_first_trial``, Pass A also writes that trial point (bit-identical to Pass A followed by Pass B)."""
         k = self._step_count + 1
-        sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
-        shard_sums = torch.zeros_like(sums)
         self._pending = None
         plan = self._first_trial()  # always asked: PLASLS chooses the searched component there
         if not self._fuse_first_trial:
             plan = None
         along_dm = plan is not None and plan[1] == "dm"
         done: list[FlatBucket] = []
+        parts: list[Tensor] = []
         try:
             for b in self._buckets:
                 eta = None
                 if plan is not None and any(gi in plan[0] for gi in b.groups):
                     etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
-                    eta = torch.tensor(etas, dtype=torch.float64).to(b.device, non_blocking=True)
+                    eta = torch.tensor(etas, dtype=torch.float64, device=b.device)
                 part = self._ops.direction_and_norms(
                     b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, along_dm
                 )
                 done.append(b)
+                parts.append(part)
                 if eta is not None:
                     b.write_back()
-                (shard_sums if b.sharded else sums)[b.groups] += part.cpu()
         except BaseException:
             # Pass A did not finish, so the step's handler will not restore w: put back the trial points it wrote
             # (a bucket's op checks its inputs before it writes anything).
@@ -430,6 +434,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     b.write_back()
             raise
         self._pending = plan
+        return self._group_sums(parts)
+
+    def _group_sums(self, parts: list[Tensor]) -> Tensor:
+        """Pass A's sums per bucket range -> per param group, added in bucket order."""
+        if len(parts) == 1 and not self._buckets[0].sharded and self._buckets[0].groups == list(range(self.n_groups)):
+            return parts[0].cpu()  # one bucket, one range per group in order (the usual case): nothing to add
+        sums = torch.zeros(self.n_groups, len(NORM_COLUMNS), dtype=torch.float64)
+        shard_sums = torch.zeros_like(sums)
+        for b, part in zip(self._buckets, parts, strict=True):
+            (shard_sums if b.sharded else sums)[b.groups] += part.cpu()
         if any(b.sharded for b in self._buckets):
             # FSDP2: each rank holds a disjoint shard, so the decision sums are the sums over ranks.
             reduced = self._reduce(shard_sums.flatten().tolist(), average=False)
@@ -728,14 +742,20 @@ class LineSearchOptimizer(torch.optim.Optimizer):
     def _seeded(self, step: int) -> Iterator[None]:
         """The RNG state every closure call of step ``step`` runs under; the caller's state is restored after."""
         seed = (self._seed + step) % (2**62)
+        # The CPU generator and those of the GPUs holding parameters: seeded here and restored after, nothing else
+        # (torch.manual_seed would also seed every other GPU without restoring it; fork_rng costs twice as much).
         devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
-            # Seed exactly the generators fork_rng restores (torch.manual_seed would also seed every other GPU
-            # without restoring it, and on a CPU-only build records a stack trace per call).
-            torch.default_generator.manual_seed(seed)
-            for i in devices:
-                torch.cuda.default_generators[i].manual_seed(seed)
+        if devices:
+            torch.cuda.init()  # default_generators is filled in by CUDA's (lazy) initialisation
+        generators = [torch.default_generator] + [torch.cuda.default_generators[i] for i in devices]
+        states = [gen.get_state() for gen in generators]
+        try:
+            for gen in generators:
+                gen.manual_seed(seed)
             yield
+        finally:
+            for gen, state in zip(generators, states, strict=True):
+                gen.set_state(state)
 
     @contextmanager
     def step_rng(self) -> Iterator[None]:
