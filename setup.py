@@ -39,7 +39,7 @@ class BuildPyWithSources(build_py):
         target = Path(self.build_lib) / "lsfused" / "_csrc"
         target.mkdir(parents=True, exist_ok=True)
         for src in (ROOT / "csrc").iterdir():
-            if src.suffix in (".cpp", ".cu", ".h"):
+            if src.suffix in _build_config().SOURCE_SUFFIXES:
                 self.copy_file(str(src), str(target / src.name))
 
 
@@ -76,6 +76,10 @@ def extension_options() -> dict:
         def run(self):
             try:
                 super().run()
+                # The loader uses the library only next to this stamp of its sources (see cpp_ops._prebuilt).
+                stamp = cfg.source_hash(ROOT / "csrc", cfg.CPU_SOURCES)
+                for built in self.extensions:
+                    Path(self.get_ext_fullpath(built.name) + ".sources").write_text(stamp + "\n")
             except Exception as err:  # noqa: BLE001
                 _note(f"WARNING: the C++ extension failed to build ({type(err).__name__}: {err}); installing pure "
                       "Python, the cpp backend will try a JIT build on first use")  # fmt: skip

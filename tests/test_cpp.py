@@ -349,3 +349,49 @@ def test_wheel_carries_the_sources_for_a_jit_build(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"lsfused/_csrc/{p.name}" for p in (root / "csrc").glob("*.cpp")} <= names
     assert not any(n.endswith(".so") for n in names)
+
+
+PREBUILT_CHECK = """
+    import json, torch, lsfused
+    reason = lsfused.backends()["cpp"]
+    print(json.dumps({"reason": reason, "libs": sorted(torch.ops.loaded_libraries), "file": lsfused.__file__}))
+"""
+
+
+@pytest.mark.slow
+@needs_cpp
+def test_wheel_built_with_torch_ships_the_extension_and_a_broken_one_is_rebuilt(tmp_path):
+    """``pip wheel --no-build-isolation`` (torch importable at build time) compiles ``lsfused/_C*.so`` into the wheel,
+    and the cpp backend loads it without a JIT build. A library that does not load (here: not a library; in life:
+    built against another torch) is replaced by the JIT build, not reported as a missing backend."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "LSFUSED_SKIP_EXT"}
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root)]
+    subprocess.run([*cmd, "-w", str(tmp_path)], check=True, env=env, capture_output=True, timeout=900)
+    (wheel,) = tmp_path.glob("lsfused-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    (lib,) = (site / "lsfused").glob("_C*.so")
+    jit = {"PYTHONPATH": str(site), "LSFUSED_BUILD_DIR": str(tmp_path / "jit")}
+
+    def check() -> tuple[dict, str]:  # run from tmp_path, so that the checkout's lsfused/ is not on sys.path
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(PREBUILT_CHECK)],
+            env={**env, **jit},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    res, _ = check()
+    assert res["file"].startswith(str(site)) and res["reason"] is None
+    assert str(lib) in res["libs"] and not (tmp_path / "jit").exists()
+
+    lib.write_bytes(b"not a shared library")
+    res, stderr = check()
+    assert res["reason"] is None and str(lib) not in res["libs"]
+    assert "the installed C++ extension does not load" in stderr
+    assert (tmp_path / "jit" / f"{_cpp_build.NAME}.so").exists()

@@ -1,8 +1,8 @@
 """The ``cpp`` backend: the fused ops as C++ (CPU) and CUDA kernels, ``torch.ops.lsfused_cpp`` (sources in ``csrc/``).
 
 The extension is loaded on first use (``lsfused.backends()`` probes it): a library built by ``setup.py``
-(``lsfused/_C*.so``) when one is present and not older than the sources, else a JIT build with
-``torch.utils.cpp_extension.load`` (ninja), cached in ``LSFUSED_BUILD_DIR`` or in
+(``lsfused/_C*.so``) when one is present, built from the sources beside it, and loads (one built against another
+torch does not), else a JIT build with ``torch.utils.cpp_extension.load`` (ninja), cached in ``LSFUSED_BUILD_DIR`` or in
 ``~/.cache/lsfused/<python>-<torch>-<hash of the sources and flags>``, so only the first use compiles (and says so in
 one line on stderr). CUDA kernels are JIT-built only when torch has CUDA and sees a GPU. The outcome (``None`` or
 the reason it failed) is kept for the process; ``LSFUSED_SKIP_EXT=1`` turns the backend off. Importing this module
@@ -11,7 +11,6 @@ never compiles or raises.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -51,25 +50,18 @@ def _registered(key: str = "CPU") -> bool:
 
 
 def _prebuilt() -> Path | None:
-    """The library ``setup.py`` built into the package, unless the sources next to it are newer (a stale build) or
-    ``LSFUSED_EXT_SOURCE_DIR`` asks for a build from other sources."""
+    """The library ``setup.py`` built into the package, if it was built from the sources next to it: ``setup.py``
+    writes their hash beside it (``<library>.sources``); a missing or different hash (sources edited since, in a
+    checkout) means a JIT build instead. File times cannot tell: installing a wheel gives every file a new one.
+    ``LSFUSED_EXT_SOURCE_DIR`` (a build from other sources) skips it."""
     found = sorted(Path(__file__).resolve().parents[1].glob("_C*.so"))
     if not found or os.environ.get("LSFUSED_EXT_SOURCE_DIR"):
         return None
     lib = found[0]
-    if build.CSRC.is_dir() and any(s.stat().st_mtime > lib.stat().st_mtime for s in build.CSRC.iterdir()):
+    stamp = lib.with_name(lib.name + ".sources")
+    if not stamp.is_file() or stamp.read_text().strip() != build.source_hash(build.CSRC, build.CPU_SOURCES):
         return None
     return lib
-
-
-def source_hash(src: Path, names: tuple[str, ...]) -> str:
-    """A short hash of the sources (every file in ``src``, headers included) and the compile flags, so that two
-    checkouts or versions of lsfused on one machine never reuse (or rebuild) each other's cached library."""
-    digest = hashlib.sha256(repr((build.CXX_FLAGS, build.LD_FLAGS, build.NVCC_FLAGS, names)).encode())
-    for path in sorted(p for p in src.iterdir() if p.is_file()):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _build_dir(with_cuda: bool, src: Path, names: tuple[str, ...]) -> Path:
@@ -77,7 +69,7 @@ def _build_dir(with_cuda: bool, src: Path, names: tuple[str, ...]) -> Path:
         return Path(os.environ["LSFUSED_BUILD_DIR"])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
-    return cache / "lsfused" / f"{tag}-{source_hash(src, names)}".replace("+", "_")
+    return cache / "lsfused" / f"{tag}-{build.source_hash(src, names)}".replace("+", "_")
 
 
 def _jit() -> None:
@@ -128,8 +120,12 @@ def _load() -> str | None:
         if not _registered():
             lib = _prebuilt()
             if lib is not None:
-                torch.ops.load_library(str(lib))
-            else:
+                try:
+                    torch.ops.load_library(str(lib))
+                except OSError as err:  # built against another torch (upgraded since): compile our own
+                    print(f"lsfused: the installed C++ extension does not load ({err}); building it", file=sys.stderr)
+                    lib = None
+            if lib is None:
                 _jit()
         if not _registered():
             return "the C++ extension loaded but registered no lsfused_cpp kernels"
@@ -138,11 +134,23 @@ def _load() -> str | None:
         return _summary(err)
 
 
+_overloads: dict[str, object] = {}
+
+
 def _lib():
     reason = load_error()
     if reason is not None:
         raise RuntimeError(f"the cpp backend is unavailable: {reason}")
     return torch.ops.lsfused_cpp
+
+
+def _op(name: str):
+    """The op's overload, looked up once: a call through ``torch.ops``' packet resolves the overload every time, a
+    fixed cost of every step that matters for small models."""
+    op = _overloads.get(name)
+    if op is None:
+        op = _overloads[name] = getattr(_lib(), name).default
+    return op
 
 
 def direction_and_norms(
@@ -161,28 +169,28 @@ def direction_and_norms(
 ) -> Tensor:
     if eta is not None:
         eta = eta.to(device=w.device, dtype=torch.float64)
-    return _lib().direction_and_norms(
+    return _op("direction_and_norms")(
         g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode), eta, bool(trial_dm)
     )
 
 
 def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
-    _lib().trial_step(w, w0, d, list(ranges), eta.to(device=w.device, dtype=torch.float64))
+    _op("trial_step")(w, w0, d, list(ranges), eta.to(device=w.device, dtype=torch.float64))
 
 
 def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
-    _lib().restore(w, w0, list(ranges))
+    _op("restore")(w, w0, list(ranges))
 
 
 def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
     """``reference.absorbed_counts`` in one read-only pass (CPU tensors)."""
-    return _lib().absorbed_counts(w, w0, d, list(ranges))
+    return _op("absorbed_counts")(w, w0, d, list(ranges))
 
 
 def grad_check(g: Tensor) -> tuple[int, float]:
     """(number of inf/NaN entries, float64 sum of ``g*g``) in one read-only pass, no temporaries (a contiguous CPU
     tensor). The sum is accumulated in fixed-size chunks added in order, so it does not depend on the thread count."""
-    count, sumsq = _lib().grad_check(g)
+    count, sumsq = _op("grad_check")(g)
     return int(count), float(sumsq)
 
 
