@@ -1,0 +1,150 @@
+"""What bounds the cpp backend's Pass A on this CPU (issue 13): the fused Pass A (fp32, ``betas[0] = 0``, with the
+first trial) timed as shipped and with parts of its arithmetic removed, in the L2 cache (one thread) and on a
+bert-base-sized buffer (all threads); and the other side of "store d or recompute it": Pass A without the store of
+d, a Pass B that reads d, and a trial that recomputes d from g and v.
+
+The variants are textual edits of a copy of ``csrc/cpu_kernels_impl.h`` (each must match exactly once, so a kernel
+change makes this script fail rather than measure something else), compiled with the extension's flags plus AVX2
+into a small driver. Removing arithmetic gives wrong numbers on purpose: only the times mean anything. No hardware
+counters are needed (this VM has none: ``perf stat`` reports cycles as not supported).
+
+    python benchmarks/pass_a_ablation.py [--out benchmarks/results/pass_a_ablation.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-mavx2"]
+
+DIV = ("vsqrt(vv) / sqrt_bc2 + eps", "vv * sqrt_bc2 + eps")  # drops the sqrt and one division
+DIV_D = ("dv = -(gs / denom);", "dv = -(gs * denom);")
+DIV_S = ("s = g64 * g64 / to_f64(denom);", "s = g64 * g64 * to_f64(denom);")
+SUM_GG_DD = [("    acc_gg = acc_gg + gg;\n", ""), ("    acc_dd = acc_dd + dd;\n", "")]
+SUM_GD = [("    acc_gd = acc_gd + gd;\n", "")]
+STORE_D = [("    store_n<NT>(d + i, dv, cnt);\n", "")]
+VARIANTS = {
+    "as shipped": [],
+    "no divider ops (sqrt, 3 divisions)": [DIV, DIV_D, DIV_S],
+    "no float64 sums gg, dd": SUM_GG_DD,
+    "no float64 sums gg, gd, dd (s only)": SUM_GG_DD + SUM_GD,
+    "no divider ops, no sums but s": [DIV, DIV_D, DIV_S] + SUM_GG_DD + SUM_GD,
+    "no store of d": STORE_D,
+}
+
+DRIVER = r"""
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <omp.h>
+#define LSFUSED_TABLE kT
+#define LSFUSED_ISA_NAME "ablation"
+#define LSFUSED_AVX2
+#include "cpu_kernels_impl.h"
+using namespace lsfused;
+
+// A trial that recomputes d = -(g / (sqrt(v)/sqrt_bc2 + eps)) instead of reading it (reads w0, g, v; writes w).
+static void recompute_trial(const float* g, const float* v, const float* w0, float* w, long b, long n, float eta) {
+  for (long i = b; i < b + n; i += kLanes) {
+    const F gs = Param<float>::load(g + i), vv = Param<float>::load(v + i);
+    const F denom = vsqrt(vv) / 0.0316f + 1e-8f;
+    Param<float>::store(w + i, Param<float>::load(w0 + i) + 1e-3f * (-(gs / denom)));
+  }
+}
+
+int main(int argc, char** argv) {
+  const long n = atol(argv[1]);
+  const int reps = atoi(argv[2]);
+  float* buf[5];
+  for (auto& p : buf) p = static_cast<float*>(aligned_alloc(64, n * sizeof(float)));
+  float *g = buf[0], *w = buf[1], *w0 = buf[2], *d = buf[3], *v = buf[4];
+#pragma omp parallel for
+  for (long i = 0; i < n; ++i) {
+    g[i] = ((i * 2654435761u) % 1000 / 1000.0f - 0.5f) * 1e-3f;
+    w[i] = 0.5f, v[i] = 1e-8f, w0[i] = 0.0f, d[i] = 0.0f;
+  }
+  const PassAPtrs ptr{g, w, w0, d, v, nullptr, nullptr};
+  const Hp hp{0.0, 0.999, 1e-8, 1.0, 0.0316, 1.0, 1e-3, 1};
+  const long chunk = 1 << 16;
+  auto best_ms = [&](auto&& body) {
+    double best = 1e300;
+    for (int r = 0; r < reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel for schedule(static)
+      for (long c = 0; c < n; c += chunk) body(c, std::min(chunk, n - c));
+      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  const double a = best_ms([&](long c, long m) {
+    double out[5];  // not checked: with parts removed the sums are wrong on purpose
+    kT.pass_a(DType::kF32, 1, ptr, c, m, hp, out, false);
+  });
+  const double b = best_ms([&](long c, long m) { kT.trial_step(DType::kF32, w, w0, d, 1e-3, c, m, false); });
+  const double t = best_ms([&](long c, long m) { recompute_trial(g, v, w0, w, c, m, 1e-3f); });
+  printf("%.4f %.4f %.4f\n", a, b, t);
+}
+"""
+
+
+def build(variant: list[tuple[str, str]], work: Path) -> Path:
+    text = (ROOT / "csrc" / "cpu_kernels_impl.h").read_text()
+    for old, new in variant:
+        if text.count(old) != 1:
+            raise SystemExit(f"ablation edit {old!r} matches {text.count(old)} times: update this script")
+        text = text.replace(old, new)
+    (work / "cpu_kernels_impl.h").write_text(text)
+    (work / "cpu_kernels.h").write_text((ROOT / "csrc" / "cpu_kernels.h").read_text())
+    (work / "driver.cpp").write_text(DRIVER)
+    exe = work / "driver"
+    subprocess.run(["g++", *FLAGS, f"-I{work}", str(work / "driver.cpp"), "-o", str(exe)], check=True)
+    return exe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/pass_a_ablation.csv")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants (min taken)")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    runs = [("in L2", 16384, 20000, 1), ("bert-base", 109_500_000, 3, threads)]
+    with tempfile.TemporaryDirectory() as tmp:
+        exes = {}
+        for name, variant in VARIANTS.items():
+            work = Path(tmp) / str(len(exes))
+            work.mkdir()
+            exes[name] = build(variant, work)
+        rows = []
+        for where, n, reps, nthreads in runs:
+            best: dict[str, list[float]] = {}
+            for _ in range(args.rounds):  # interleaved: the VM's bandwidth drifts between minutes
+                for name, exe in exes.items():
+                    env = {**os.environ, "OMP_NUM_THREADS": str(nthreads)}
+                    out = subprocess.run([str(exe), str(n), str(reps)], check=True, env=env, capture_output=True)
+                    times = [float(x) for x in out.stdout.split()]
+                    best[name] = [min(a, b) for a, b in zip(best.get(name, times), times, strict=True)]
+            base = best["as shipped"][0]
+            for name, (pass_a, pass_b, recompute) in best.items():
+                ns = pass_a * 1e6 / n * nthreads
+                row = dict(where=where, variant=name, threads=nthreads, pass_a_ms=pass_a, ns_per_elem_thread=ns,
+                           of_shipped=pass_a / base, pass_b_ms=pass_b, recompute_trial_ms=recompute)  # fmt: skip
+                rows.append(row)
+                print(f"{where:<10} {name:<38} Pass A {pass_a:9.3f} ms {ns:6.3f} ns/elem/thread {pass_a / base:5.2f}x"
+                      f" | Pass B {pass_b:8.3f} ms, recomputing trial {recompute:8.3f} ms", flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
