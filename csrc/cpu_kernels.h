@@ -13,10 +13,12 @@ enum class DType : int { kF32, kF64, kF16, kBF16 };
 
 // One row of reference.HP_COLUMNS, as given (float64); kernels round to the state dtype. trial: the fused first
 // trial of this range (0: none, 1: w = w0 + eta*d, 2: w = w0 + eta*dm), eta rounded to the state dtype.
+// all_sums: false leaves the sums gg and dd out (no decision uses them; the launcher marks them NaN).
 struct Hp {
   double b1, b2, eps, bc1, sqrt_bc2, wd_scale;
   double eta = 0.0;
   int trial = 0;
+  bool all_sums = true;
 };
 
 // Base pointers of the flat buffers of one bucket (g, w in the param dtype; the rest in the state dtype).

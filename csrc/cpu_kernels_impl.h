@@ -305,7 +305,8 @@ LSF_INLINE void stream_fence() {
 // NT: stream the write-only outputs w0, d, dm (and w with a trial; large buffers: nothing to gain from caching them).
 // TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm, from the values just stored (the op
 // order of trial_step_t, so bit-identical to Pass A followed by Pass B).
-template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT, int TRIAL>
+// ALL: also the sums gg and dd (hp.all_sums), which no decision uses.
+template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT, int TRIAL, bool ALL>
 void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   using S = typename Param<P>::S;
   using V = typename Param<P>::V;
@@ -365,10 +366,12 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
       if constexpr (HAS_DM) gdm = keep_first(gdm, cnt);
     }
     acc_s = acc_s + s;
-    acc_gg = acc_gg + gg;
     acc_gd = acc_gd + gd;
-    acc_dd = acc_dd + dd;
     if constexpr (HAS_DM) acc_gdm = acc_gdm + gdm;
+    if constexpr (ALL) {
+      acc_gg = acc_gg + gg;
+      acc_dd = acc_dd + dd;
+    }
   };
 
   int64_t i = 0;
@@ -383,40 +386,40 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
 }
 
 // Adam's Pass A is divider-bound: only SGD's streams (see ops.cpp), so Adam is instantiated without NT.
-template <class P, int TRIAL>
+template <class P, int TRIAL, bool ALL>
 void pass_a_adam(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   const int key = (ptr.m != nullptr) * 2 + (ptr.dm != nullptr);
   switch (key) {
     case 0:
-      if constexpr (TRIAL != 2) return pass_a<P, true, false, false, false, TRIAL>(ptr, begin, n, hp, out);
+      if constexpr (TRIAL != 2) return pass_a<P, true, false, false, false, TRIAL, ALL>(ptr, begin, n, hp, out);
       break;
     case 1:
-      return pass_a<P, true, false, true, false, TRIAL>(ptr, begin, n, hp, out);
+      return pass_a<P, true, false, true, false, TRIAL, ALL>(ptr, begin, n, hp, out);
     case 2:
-      if constexpr (TRIAL != 2) return pass_a<P, true, true, false, false, TRIAL>(ptr, begin, n, hp, out);
+      if constexpr (TRIAL != 2) return pass_a<P, true, true, false, false, TRIAL, ALL>(ptr, begin, n, hp, out);
       break;
     default:
-      return pass_a<P, true, true, true, false, TRIAL>(ptr, begin, n, hp, out);
+      return pass_a<P, true, true, true, false, TRIAL, ALL>(ptr, begin, n, hp, out);
   }
 }
 
-template <class P>
+template <class P, bool ALL>
 void pass_a_nt(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out, bool nt) {
   using S = typename Param<P>::S;
   if (mode == 0) {  // SGD: no trial along dm (there is no dm)
     const bool trial = hp.trial == 1;
     if (nt && streamable(static_cast<S*>(ptr.w0) + begin) && streamable(static_cast<S*>(ptr.d) + begin) &&
         (!trial || streamable(static_cast<P*>(ptr.w) + begin))) {
-      if (trial) return pass_a<P, false, false, false, true, 1>(ptr, begin, n, hp, out);
-      return pass_a<P, false, false, false, true, 0>(ptr, begin, n, hp, out);
+      if (trial) return pass_a<P, false, false, false, true, 1, ALL>(ptr, begin, n, hp, out);
+      return pass_a<P, false, false, false, true, 0, ALL>(ptr, begin, n, hp, out);
     }
-    if (trial) return pass_a<P, false, false, false, false, 1>(ptr, begin, n, hp, out);
-    return pass_a<P, false, false, false, false, 0>(ptr, begin, n, hp, out);
+    if (trial) return pass_a<P, false, false, false, false, 1, ALL>(ptr, begin, n, hp, out);
+    return pass_a<P, false, false, false, false, 0, ALL>(ptr, begin, n, hp, out);
   }
   // The launcher checked that a trial along dm has dm.
-  if (hp.trial == 1) return pass_a_adam<P, 1>(ptr, begin, n, hp, out);
-  if (hp.trial == 2) return pass_a_adam<P, 2>(ptr, begin, n, hp, out);
-  pass_a_adam<P, 0>(ptr, begin, n, hp, out);
+  if (hp.trial == 1) return pass_a_adam<P, 1, ALL>(ptr, begin, n, hp, out);
+  if (hp.trial == 2) return pass_a_adam<P, 2, ALL>(ptr, begin, n, hp, out);
+  pass_a_adam<P, 0, ALL>(ptr, begin, n, hp, out);
 }
 
 // ---------------------------------------------------------------- Pass B and restore
@@ -540,7 +543,11 @@ void with_dtype(DType t, F&& f) {
 
 void pass_a_any(DType t, int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out,
                 bool nt) {
-  with_dtype(t, [&](auto T) { pass_a_nt<typename decltype(T)::type>(mode, ptr, begin, n, hp, out, nt); });
+  with_dtype(t, [&](auto T) {
+    using P = typename decltype(T)::type;
+    if (hp.all_sums) return pass_a_nt<P, true>(mode, ptr, begin, n, hp, out, nt);
+    pass_a_nt<P, false>(mode, ptr, begin, n, hp, out, nt);
+  });
 }
 
 void trial_step_any(DType t, void* w, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {

@@ -174,7 +174,7 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tens
                                     const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                                     const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
                                     at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
-                                    bool trial_dm) {
+                                    bool trial_dm, bool all_sums) {
   check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
   // The first trial's step sizes stay on the device (NaN: no trial on that range): no sync.
   const std::optional<at::Tensor> eta64 =
@@ -235,6 +235,7 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tens
       offset += blocks;
     }
   });
+  if (!all_sums) mark_skipped_sums(out);  // memory-bound on a GPU: the sums are computed anyway
   return out;
 }
 

@@ -116,7 +116,7 @@ at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tenso
                                    const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
                                    const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
                                    at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
-                                   bool trial_dm) {
+                                   bool trial_dm, bool all_sums) {
   check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
   const int64_t n_ranges = static_cast<int64_t>(ranges.size() / 2);
   const auto chunks = chunks_of(ranges);
@@ -136,6 +136,7 @@ at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tenso
   for_chunks(chunks, [&](int64_t k, const Chunk& c) {
     const double* row = hp.data() + c.range * kHpColumns;
     Hp h{row[0], row[1], row[2], row[3], row[4], row[5]};
+    h.all_sums = all_sums;
     if (!std::isnan(etas[c.range])) {
       h.eta = etas[c.range];
       h.trial = trial_dm ? 2 : 1;
@@ -147,6 +148,7 @@ at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tenso
   for (size_t k = 0; k < chunks.size(); ++k) {  // chunk order: deterministic
     for (int c = 0; c < kNormColumns; ++c) o[chunks[k].range * kNormColumns + c] += part[k * kNormColumns + c];
   }
+  if (!all_sums) mark_skipped_sums(out);
   return out;
 }
 
@@ -261,6 +263,11 @@ void check_trial_step(const at::Tensor& w, const at::Tensor& w0, const at::Tenso
               "lsfused: eta needs one entry per range");
 }
 
+void mark_skipped_sums(at::Tensor& out) {
+  out.select(1, kColGg).fill_(std::numeric_limits<double>::quiet_NaN());
+  out.select(1, kColDd).fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
 void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ranges) {
   check_buffer(w, "w", w.scalar_type(), w);
   check_buffer(w0, "w0", state_dtype(w.scalar_type()), w);
@@ -272,7 +279,8 @@ void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ra
 TORCH_LIBRARY(lsfused_cpp, m) {
   m.def(
       "direction_and_norms(Tensor g, Tensor(f!) w, Tensor(a!) w0, Tensor(b!) d, Tensor(c!)? v, Tensor(d!)? m, "
-      "Tensor(e!)? dm, int[] ranges, float[] hp, int mode, Tensor? eta=None, bool trial_dm=False) -> Tensor");
+      "Tensor(e!)? dm, int[] ranges, float[] hp, int mode, Tensor? eta=None, bool trial_dm=False, "
+      "bool all_sums=True) -> Tensor");
   m.def("trial_step(Tensor(a!) w, Tensor w0, Tensor d, int[] ranges, Tensor eta) -> ()");
   m.def("restore(Tensor(a!) w, Tensor w0, int[] ranges) -> ()");
   m.def("absorbed_counts(Tensor w, Tensor w0, Tensor d, int[] ranges) -> Tensor");

@@ -8,6 +8,7 @@
 namespace lsfused {
 
 constexpr int kNormColumns = 5;  // reference.NORM_COLUMNS: s, gg, gd, dd, gdm
+constexpr int kColGg = 1, kColDd = 3;  // the sums no decision uses: Pass A skips them unless all_sums
 constexpr int kHpColumns = 6;    // reference.HP_COLUMNS: b1, b2, eps, bc1, sqrt_bc2, wd_scale
 constexpr int64_t kModeSgd = 0;
 constexpr int64_t kModeAdam = 1;
@@ -23,5 +24,7 @@ at::ScalarType check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::
 void check_trial_step(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
                       const at::Tensor& eta);
 void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ranges);
+// Pass A without all_sums: the gg and dd columns of its [ranges, 5] output become NaN (not computed).
+void mark_skipped_sums(at::Tensor& out);
 
 }  // namespace lsfused

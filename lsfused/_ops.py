@@ -45,16 +45,18 @@ def direction_and_norms(
     hp: list[float],
     kind: int,
     backend: str,
+    all_sums: bool = True,
 ) -> Tensor:
     """Pass A over ``ranges``: moments, direction(s), snapshot; float64 sums per range ``[R, 5]``.
 
-    ``kind`` is ``reference.MODE_SGD`` or ``reference.MODE_ADAM``.
+    ``kind`` is ``reference.MODE_SGD`` or ``reference.MODE_ADAM``; without ``all_sums`` the ``gg`` and ``dd`` columns
+    (no decision uses them) are skipped and NaN.
     """
-    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind)
+    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, None, False, all_sums)
 
 
 @direction_and_norms.register_fake
-def _(g, w, w0, d, v, m, dm, ranges, hp, kind, backend):
+def _(g, w, w0, d, v, m, dm, ranges, hp, kind, backend, all_sums=True):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 
@@ -73,17 +75,18 @@ def direction_norms_trial(
     eta: Tensor,
     trial_dm: bool,
     backend: str,
+    all_sums: bool = True,
 ) -> Tensor:
     """Pass A fused with the first trial: ``direction_and_norms``, and in the same pass ``w = w0 + eta[r]*d``
     (``dm`` with ``trial_dm``) on every range whose ``eta`` entry (float64, on the buffers' device) is not NaN.
 
     Bit-identical to ``direction_and_norms`` followed by ``trial_step`` on those ranges; saves the trial's pass.
     """
-    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm)
+    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, all_sums)
 
 
 @direction_norms_trial.register_fake
-def _(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, backend):
+def _(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, backend, all_sums=True):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 

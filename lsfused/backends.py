@@ -79,15 +79,29 @@ class Backend:
         return self._module
 
     def direction_and_norms(
-        self, g, w, w0, d, v, m, dm, ranges: list[int], hp: list[float], mode: int, eta=None, trial_dm: bool = False
+        self,
+        g,
+        w,
+        w0,
+        d,
+        v,
+        m,
+        dm,
+        ranges: list[int],
+        hp: list[float],
+        mode: int,
+        eta=None,
+        trial_dm: bool = False,
+        all_sums: bool = True,
     ) -> Tensor:
-        """Pass A; with ``eta`` (float64 per range, NaN: no trial there) fused with the first trial."""
+        """Pass A; with ``eta`` (float64 per range, NaN: no trial there) fused with the first trial; without
+        ``all_sums`` the sums no decision uses (``gg``, ``dd``) are skipped (NaN)."""
         impl = self._impl()
         if impl is not None:
-            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm)
+            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, all_sums)
         if eta is None:
-            return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name)
-        return _ops.direction_norms_trial(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, self.name)
+            return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name, all_sums)
+        return _ops.direction_norms_trial(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, self.name, all_sums)
 
     def trial_step(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
         impl = self._impl()

@@ -84,13 +84,13 @@ class ByteCounter:
     def __init__(self, ops):
         self._ops, self.bytes = ops, 0
 
-    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges, hp, mode, eta=None, trial_dm=False):
+    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges, hp, mode, eta=None, trial_dm=False, all_sums=True):
         etas = [math.nan] * (len(ranges) // 2) if eta is None else eta.tolist()
         for n, e in zip(_spans(ranges), etas, strict=True):
             moved = _nbytes(g, n) + _nbytes(w, n) + 2 * _nbytes(v, n) + 2 * _nbytes(m, n)
             moved += _nbytes(w0, n) + _nbytes(d, n) + _nbytes(dm, n)
             self.bytes += moved + (0 if math.isnan(e) else _nbytes(w, n))  # the fused first trial writes w
-        return self._ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm)
+        return self._ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, all_sums)
 
     def trial_step(self, w, w0, d, ranges, eta):
         self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) + _nbytes(d, n) for n in _spans(ranges))

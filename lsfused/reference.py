@@ -23,6 +23,9 @@ The decision scalars are accumulated in float64 from the stored (rounded) values
 
     s   = sum(g*g/denom)   (SGD: sum(g*g))       the Armijo decrease term, Eq. 5 of arXiv 2403.18506
     gg  = sum(g*g),  gd = sum(g*d),  dd = sum(d*d),  gdm = sum(g*dm)
+
+No decision uses ``gg`` and ``dd`` (the precision report does): with ``all_sums=False`` a backend may skip them, and
+their columns are NaN.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Columns of the partial-sum tensor returned by direction_and_norms.
+# Columns of the partial-sum tensor returned by direction_and_norms; DIAGNOSTIC_COLUMNS: those only all_sums=True
+# fills in (no decision uses them).
 NORM_COLUMNS = ("s", "gg", "gd", "dd", "gdm")
+DIAGNOSTIC_COLUMNS = (1, 3)
 # Columns of the per-range hyperparameter tensor passed to direction_and_norms.
 HP_COLUMNS = ("b1", "b2", "eps", "bc1", "sqrt_bc2", "wd_scale")
 
@@ -73,11 +78,13 @@ def direction_and_norms(
     mode: int,
     eta: Tensor | None = None,
     trial_dm: bool = False,
+    all_sums: bool = True,
 ) -> Tensor:
     """Pass A: update the moments, write the direction(s) and the snapshot, return float64 sums ``[R, 5]``.
 
     With ``eta`` (float64, one entry per range), also the first trial ``w = w0 + eta[r]*d`` (``dm`` with
-    ``trial_dm``) on every range whose entry is not NaN, exactly as ``trial_step`` writes it.
+    ``trial_dm``) on every range whose entry is not NaN, exactly as ``trial_step`` writes it. With
+    ``all_sums=False`` the ``gg`` and ``dd`` columns are NaN (computed here anyway; fast backends skip them).
     """
     if trial_dm and dm is None:
         raise ValueError("trial_dm needs the momentum direction buffer dm")
@@ -118,6 +125,8 @@ def direction_and_norms(
         out[r, 4] = gdm
         if not math.isnan(etas[r]):
             trial_step(w, w0, dm if trial_dm else d, [a, b], torch.tensor(etas[r : r + 1], dtype=torch.float64))
+    if not all_sums:
+        out[:, DIAGNOSTIC_COLUMNS] = math.nan
     return out
 
 

@@ -142,6 +142,30 @@ def test_recorder_reports_fp32_discrepancy_in_ulps():
     assert trial["margin"] == pytest.approx((row["loss"] - trial["predicted"] - trial["loss"]) / trial["bound"])
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp", "torch-fast") if b in lsfused.available_backends()])
+@pytest.mark.parametrize("make", [lsfused.AdamSLS, lsfused.SaLSa], ids=["AdamSLS", "SaLSa"])
+def test_a_recorder_changes_no_decision(backend, make):
+    """Without a recorder Pass A skips the sums only the precision report reads (gg, dd): the trajectory is the
+    recorded one bit for bit, and the recorder's gg and dd are the float64 sums of the step's gradient and
+    direction."""
+    runs = []
+    for record in (False, True):
+        model = mlp()
+        opt = make(model.parameters(), backend=backend)
+        rec = diagnostics.Recorder(opt) if record else None
+        steps = []
+        for i in range(8):
+            x, y = batches(4)[i % 4]
+            opt.step(closure_for(model, x, y))
+            steps.append((opt.last_step.outcome, opt.last_step.trials, opt.last_step.step_sizes))
+            if rec is not None:
+                g = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+                assert rec.rows[-1]["groups"][0]["sums"]["gg"] == pytest.approx(math.fsum((g * g).tolist()), rel=1e-6)
+        runs.append((steps, [q.detach().clone() for q in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
 def test_recorder_round_trips_and_detaches(tmp_path):
     model = mlp()
     opt = lsfused.PLASLS(lsfused.components.by_layers(model, 2), init_step_size=3.0)

@@ -104,6 +104,37 @@ def test_pass_a_matches_reference(backend, size, dtype, mode):
     torch.testing.assert_close(sums.cpu(), ref_sums.cpu(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch-fast"])
+@pytest.mark.parametrize("mode", [ref.MODE_SGD, ref.MODE_ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize("trial", [False, True], ids=["", "trial"])
+def test_pass_a_without_all_sums_skips_only_gg_and_dd(backend, mode, trial):
+    """all_sums=False (what an optimizer asks for without a recorder): the same buffers and decision sums (s, gd,
+    gdm) bit for bit, and NaN in the gg and dd columns, on every backend and through both registered ops."""
+    g, w, v, m = inputs(BERT_LAYER, torch.float32)
+    ranges = ranges_for(BERT_LAYER, per_tensor_ranges=True)
+    hp = HP * (len(ranges) // 2)
+    results = []
+    for all_sums in (True, False):
+        wc = w.clone()
+        sdt = v.dtype
+        bufs = [torch.full((g.numel(),), math.nan, dtype=sdt, device=g.device) for _ in range(3)]
+        vc, mc, dm = (v.clone(), m.clone(), bufs[2]) if mode == ref.MODE_ADAM else (None, None, None)
+        args = (g, wc, bufs[0], bufs[1], vc, mc, dm, ranges, hp, mode)
+        if trial:
+            eta = torch.full((len(ranges) // 2,), 1e-3, dtype=torch.float64, device=g.device)
+            sums = _ops.direction_norms_trial(*args, eta, False, backend, all_sums)
+        else:
+            sums = _ops.direction_and_norms(*args, backend, all_sums)
+        results.append((sums.cpu(), [wc, *bufs[:2], vc, mc, dm]))
+    (full, bufs_full), (part, bufs_part) = results
+    for a, b in zip(bufs_full, bufs_part, strict=True):
+        assert_equal_or_none(a, b, "buffers")
+    decision = [ref.NORM_COLUMNS.index(c) for c in ("s", "gd", "gdm")]
+    assert torch.equal(full[:, decision], part[:, decision])
+    assert (ref.NORM_COLUMNS.index("gg"), ref.NORM_COLUMNS.index("dd")) == ref.DIAGNOSTIC_COLUMNS
+    assert part[:, ref.DIAGNOSTIC_COLUMNS].isnan().all() and not full.isnan().any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pass_a_is_deterministic(backend):
     g, w, v, m = inputs([278011], torch.float32)

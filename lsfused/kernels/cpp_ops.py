@@ -166,11 +166,12 @@ def direction_and_norms(
     mode: int,
     eta: Tensor | None = None,
     trial_dm: bool = False,
+    all_sums: bool = True,
 ) -> Tensor:
     if eta is not None:
         eta = eta.to(device=w.device, dtype=torch.float64)
     return _op("direction_and_norms")(
-        g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode), eta, bool(trial_dm)
+        g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode), eta, bool(trial_dm), bool(all_sums)
     )
 
 

@@ -11,7 +11,7 @@ quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so
     q     = sqrt(v) + eps*sqrt(1-b2^k)   (= sqrt(1-b2^k) * denom; torch's sqrt, maybe an ulp off)
     d     = -sqrt(1-b2^k) * g/q;  dm = -(sqrt(1-b2^k)/(1-b1^k)) * m/q      (one addcdiv each)
     gg = sum(g*g): the state-dtype products summed per chunk (cascaded); dd, gd, gdm: BLAS dots per chunk in
-            the state dtype; the chunks' sums in float64
+            the state dtype; the chunks' sums in float64 (gg and dd only with all_sums)
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
 
 So the buffers may differ from the reference in the last bits and the sums by about 1e-7 relative (``gdm``, a signed
@@ -68,9 +68,10 @@ def direction_and_norms(
     mode: int,
     eta: Tensor | None = None,
     trial_dm: bool = False,
+    all_sums: bool = True,
 ) -> Tensor:
     """Pass A (see the module docstring for how it rounds); with ``eta``, also the first trial on every range
-    whose entry is not NaN."""
+    whose entry is not NaN. ``all_sums=False`` skips the sums ``gg`` and ``dd`` (NaN columns)."""
     if trial_dm and dm is None:
         raise ValueError("trial_dm needs the momentum direction buffer dm")
     spans = pairs(ranges)
@@ -78,6 +79,7 @@ def direction_and_norms(
     width = len(HP_COLUMNS)
     sums: list[list[Tensor]] = []
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
+    skipped = torch.full((), math.nan, dtype=torch.float64, device=g.device)
     zero_s = torch.zeros((), dtype=d.dtype, device=d.device)
     longest = max((b - a for a, b in spans), default=0)
     scratch_full = torch.empty(
@@ -95,10 +97,10 @@ def direction_and_norms(
             else:
                 w0c.copy_(wc.to(w0.dtype) * wd_scale)
             torch.mul(gc, gc, out=scratch)
-            gg = scratch.sum().double()
             if mode == MODE_SGD:
+                gg = scratch.sum().double()
                 torch.neg(gc, out=dc)
-                part = [gg, gg, -gg, gg, zero]
+                part = [gg, gg, -gg, gg, zero] if all_sums else [gg, skipped, -gg, skipped, zero]
             else:
                 if m is not None:
                     m[i:j].lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
@@ -112,7 +114,8 @@ def direction_and_norms(
                     gdm = _dot(gc, dm[i:j])
                 torch.addcdiv(zero_s, gc, dc, value=-sqrt_bc2, out=dc)
                 gd = _dot(gc, dc)
-                part = [-gd, gg, gd, _dot(dc, dc), gdm]
+                gg, dd = (scratch.sum().double(), _dot(dc, dc)) if all_sums else (skipped, skipped)
+                part = [-gd, gg, gd, dd, gdm]
             acc = [x + y for x, y in zip(acc, part, strict=True)]
             if not math.isnan(etas[r]):
                 step = dm[i:j] if trial_dm else dc

@@ -10,6 +10,7 @@ On CPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is se
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lsfused.reference import HP_COLUMNS, MODE_ADAM, NORM_COLUMNS, pairs
+from lsfused.reference import DIAGNOSTIC_COLUMNS, HP_COLUMNS, MODE_ADAM, NORM_COLUMNS, pairs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs programs one after another: fewer, larger blocks are much faster there.
@@ -151,6 +152,7 @@ def direction_and_norms(
     mode: int,
     eta: Tensor | None = None,
     trial_dm: bool = False,
+    all_sums: bool = True,
 ) -> Tensor:
     if trial_dm and (dm is None or mode != MODE_ADAM):
         raise ValueError("trial_dm needs the momentum direction buffer dm")
@@ -191,6 +193,8 @@ def direction_and_norms(
             enable_fp_fusion=False,
         )
         out[r] = part.sum(0)
+    if not all_sums:  # memory-bound on a GPU: the sums are computed anyway
+        out[:, DIAGNOSTIC_COLUMNS] = math.nan
     return out
 
 

@@ -401,7 +401,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return None
 
     def _pass_a(self) -> Tensor:
-        """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]``.
+        """Run Pass A on every bucket; return float64 sums per param group, ``[n_groups, len(NORM_COLUMNS)]`` (``gg``
+        and ``dd`` NaN unless a recorder is attached).
 
         With a ``_first_trial``, Pass A also writes that trial point (bit-identical to Pass A followed by Pass B)."""
         k = self._step_count + 1
@@ -419,8 +420,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
                     eta = torch.tensor(etas, dtype=torch.float64, device=b.device)
                 part = self._ops.direction_and_norms(
-                    b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, along_dm
-                )
+                    b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, along_dm,
+                    all_sums=self._recorder is not None,  # gg and dd: only the precision report reads them
+                )  # fmt: skip
                 done.append(b)
                 parts.append(part)
                 if eta is not None:
