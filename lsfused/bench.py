@@ -204,8 +204,10 @@ def _bench_ops_at(n: int, device: torch.device, repeats: int) -> list[dict]:
     eta = torch.tensor([1e-3], dtype=torch.float64, device=device)
     rows = [_copy_roofline(n, device, repeats)]
     for backend in _backends(device):
-        ops = {
-            "pass_a": lambda b=backend: _ops.direction_and_norms(g, w, w0, d, v, None, None, ranges, hp, MODE_ADAM, b),
+        ops = {  # Pass A as an optimizer runs it: without the sums only a recorder reads (all_sums=False)
+            "pass_a": lambda b=backend: _ops.direction_and_norms(
+                g, w, w0, d, v, None, None, ranges, hp, MODE_ADAM, b, False
+            ),
             "pass_b": lambda b=backend: _ops.trial_step(w, w0, d, ranges, eta, b),
             "restore": lambda b=backend: _ops.restore(w, w0, ranges, b),
         }
