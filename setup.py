@@ -11,6 +11,7 @@ the hash of its sources (``_C*.so.sources``), which the loader checks before usi
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,9 +39,11 @@ class BuildPyWithSources(build_py):
     def run(self):
         super().run()
         target = Path(self.build_lib) / "lsfused" / "_csrc"
-        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # a file since removed from csrc/ must not ship (nor enter the stamp)
+        target.mkdir(parents=True)
+        suffixes = _build_config().SOURCE_SUFFIXES
         for src in (ROOT / "csrc").iterdir():
-            if src.suffix in _build_config().SOURCE_SUFFIXES:
+            if src.suffix in suffixes:
                 self.copy_file(str(src), str(target / src.name))
 
 
@@ -69,6 +72,7 @@ def extension_options() -> dict:
         sources,
         extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS},
         extra_link_args=cfg.LD_FLAGS,
+        depends=[str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.h"))],  # header edits rebuild
     )
 
     class OptionalBuildExtension(BuildExtension):
@@ -78,7 +82,7 @@ def extension_options() -> dict:
             try:
                 super().run()
                 # The loader uses the library only next to this stamp of its sources (see cpp_ops._prebuilt).
-                stamp = cfg.source_hash(ROOT / "csrc", cfg.CPU_SOURCES)
+                stamp = cfg.stamp(ROOT / "csrc", torch.__version__)
                 for built in self.extensions:
                     Path(self.get_ext_fullpath(built.name) + ".sources").write_text(stamp + "\n")
             except Exception as err:  # noqa: BLE001

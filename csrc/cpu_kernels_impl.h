@@ -11,7 +11,8 @@
 // element, independent of ISA and of where a vector starts; tails go through the same code on a zero-padded block
 // with the padding masked out of the sums. (Checked: the arithmetic is plain division and sqrt on purpose. Replacing
 // the division by the per-range constant with an exact double-precision reciprocal multiply, or the float64
-// division of the s term with a compensated float one, measured slower on the divider-bound Zen 1 used here.)
+// division of the s term with a compensated float one, measured slower on the Zen 1 used here, where this Pass A is
+// bound by the divider in the caches: benchmarks/pass_a_ablation.py.)
 //
 // Float64 sums: 8 lane accumulators per chunk, added in a fixed order at the end, so a chunk's sums depend only on
 // its elements. The launcher splits ranges into fixed-size chunks and adds chunk sums in chunk order, which makes
@@ -360,9 +361,11 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
     D gg = g64 * g64, gd = g64 * d64, dd = d64 * d64;
     if (cnt < kLanes) {  // padding lanes may hold 0/0: keep them out of the sums
       s = keep_first(s, cnt);
-      gg = keep_first(gg, cnt);
       gd = keep_first(gd, cnt);
-      dd = keep_first(dd, cnt);
+      if constexpr (ALL) {
+        gg = keep_first(gg, cnt);
+        dd = keep_first(dd, cnt);
+      }
       if constexpr (HAS_DM) gdm = keep_first(gdm, cnt);
     }
     acc_s = acc_s + s;
@@ -385,7 +388,7 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
   if (NT) stream_fence();
 }
 
-// Adam's Pass A is divider-bound: only SGD's streams (see ops.cpp), so Adam is instantiated without NT.
+// Only SGD's Pass A streams (streaming measured slower for Adam's, see ops.cpp), so Adam is instantiated without NT.
 template <class P, int TRIAL, bool ALL>
 void pass_a_adam(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   const int key = (ptr.m != nullptr) * 2 + (ptr.dm != nullptr);

@@ -126,7 +126,8 @@ def direction_and_norms(
         if not math.isnan(etas[r]):
             trial_step(w, w0, dm if trial_dm else d, [a, b], torch.tensor(etas[r : r + 1], dtype=torch.float64))
     if not all_sums:
-        out[:, DIAGNOSTIC_COLUMNS] = math.nan
+        for c in DIAGNOSTIC_COLUMNS:
+            out[:, c] = math.nan
     return out
 
 

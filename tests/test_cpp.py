@@ -361,17 +361,25 @@ PREBUILT_CHECK = """
 @pytest.mark.slow
 @needs_cpp
 def test_wheel_built_with_torch_ships_the_extension_and_a_broken_one_is_rebuilt(tmp_path):
-    """``pip wheel --no-build-isolation`` (torch importable at build time) compiles ``lsfused/_C*.so`` into the wheel,
-    and the cpp backend loads it without a JIT build. A library that does not load (here: not a library; in life:
-    built against another torch) is replaced by the JIT build, not reported as a missing backend."""
+    """``pip wheel --no-build-isolation`` (torch importable at build time) compiles ``lsfused/_C*.so`` into the wheel
+    with a stamp of its sources and torch version, and the cpp backend loads it without a JIT build. A stamp that
+    does not match (sources edited, torch upgraded) and a library that does not load both lead to the JIT build,
+    not to a missing backend."""
     root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"  # a clean copy of the tracked files: no build/ output of the checkout is reused
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, tree / name)
     env = {k: v for k, v in os.environ.items() if k != "LSFUSED_SKIP_EXT"}
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(tree)]
     subprocess.run([*cmd, "-w", str(tmp_path)], check=True, env=env, capture_output=True, timeout=900)
     (wheel,) = tmp_path.glob("lsfused-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     (lib,) = (site / "lsfused").glob("_C*.so")
+    stamp = lib.with_name(lib.name + ".sources")
+    assert stamp.read_text().split()[1:] == ["torch", torch.__version__]
     jit = {"PYTHONPATH": str(site), "LSFUSED_BUILD_DIR": str(tmp_path / "jit")}
 
     def check() -> tuple[dict, str]:  # run from tmp_path, so that the checkout's lsfused/ is not on sys.path
@@ -390,8 +398,14 @@ def test_wheel_built_with_torch_ships_the_extension_and_a_broken_one_is_rebuilt(
     assert res["file"].startswith(str(site)) and res["reason"] is None
     assert str(lib) in res["libs"] and not (tmp_path / "jit").exists()
 
+    good = stamp.read_text()
+    stamp.write_text(good.replace("torch", "torch 0.0.0+other", 1))  # built against another torch
+    res, stderr = check()
+    assert res["reason"] is None and str(lib) not in res["libs"] and "does not load" not in stderr
+    assert (tmp_path / "jit" / f"{_cpp_build.NAME}.so").exists()
+
+    stamp.write_text(good)
     lib.write_bytes(b"not a shared library")
     res, stderr = check()
     assert res["reason"] is None and str(lib) not in res["libs"]
     assert "the installed C++ extension does not load" in stderr
-    assert (tmp_path / "jit" / f"{_cpp_build.NAME}.so").exists()

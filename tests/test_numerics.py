@@ -166,6 +166,26 @@ def test_a_recorder_changes_no_decision(backend, make):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
+def test_pass_a_computes_the_diagnostic_sums_only_for_a_recorder():
+    model = mlp()
+    opt = lsfused.AdamSLS(model.parameters())
+    asked = []
+    pass_a = opt._ops.direction_and_norms
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["all_sums"])
+        return pass_a(*args, **kwargs)
+
+    opt._ops.direction_and_norms = spy
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, x, y))
+    rec = diagnostics.Recorder(opt)
+    opt.step(closure_for(model, x, y))
+    rec.detach()
+    opt.step(closure_for(model, x, y))
+    assert asked == [False, True, False]
+
+
 def test_recorder_round_trips_and_detaches(tmp_path):
     model = mlp()
     opt = lsfused.PLASLS(lsfused.components.by_layers(model, 2), init_step_size=3.0)

@@ -105,21 +105,26 @@ def test_pass_a_matches_reference(backend, size, dtype, mode):
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "torch-fast"])
-@pytest.mark.parametrize("mode", [ref.MODE_SGD, ref.MODE_ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["sgd", "adam", "adam-momentum"])
 @pytest.mark.parametrize("trial", [False, True], ids=["", "trial"])
-def test_pass_a_without_all_sums_skips_only_gg_and_dd(backend, mode, trial):
+def test_pass_a_without_all_sums_skips_only_gg_and_dd(backend, dtype, mode, trial):
     """all_sums=False (what an optimizer asks for without a recorder): the same buffers and decision sums (s, gd,
     gdm) bit for bit, and NaN in the gg and dd columns, on every backend and through both registered ops."""
-    g, w, v, m = inputs(BERT_LAYER, torch.float32)
+    skip_unsupported(backend, dtype)
+    g, w, v, m = inputs(BERT_LAYER, dtype)
     ranges = ranges_for(BERT_LAYER, per_tensor_ranges=True)
     hp = HP * (len(ranges) // 2)
+    kind = ref.MODE_SGD if mode == "sgd" else ref.MODE_ADAM
     results = []
     for all_sums in (True, False):
         wc = w.clone()
         sdt = v.dtype
         bufs = [torch.full((g.numel(),), math.nan, dtype=sdt, device=g.device) for _ in range(3)]
-        vc, mc, dm = (v.clone(), m.clone(), bufs[2]) if mode == ref.MODE_ADAM else (None, None, None)
-        args = (g, wc, bufs[0], bufs[1], vc, mc, dm, ranges, hp, mode)
+        vc, mc, dm = (
+            (v.clone(), m.clone(), bufs[2]) if mode == "adam-momentum" else (v.clone(), None, None)
+        ) if kind == ref.MODE_ADAM else (None, None, None)  # fmt: skip
+        args = (g, wc, bufs[0], bufs[1], vc, mc, dm, ranges, hp, kind)
         if trial:
             eta = torch.full((len(ranges) // 2,), 1e-3, dtype=torch.float64, device=g.device)
             sums = _ops.direction_norms_trial(*args, eta, False, backend, all_sums)

@@ -38,3 +38,9 @@ def source_hash(src: Path, names: tuple[str, ...]) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def stamp(src: Path, torch_version: str) -> str:
+    """What ``setup.py`` writes beside the library it builds (``<library>.sources``) and what the loader expects to
+    find there before using it: the hash of the sources and the torch version the library was compiled against."""
+    return f"{source_hash(src, CPU_SOURCES)} torch {torch_version}"

@@ -50,16 +50,18 @@ def _registered(key: str = "CPU") -> bool:
 
 
 def _prebuilt() -> Path | None:
-    """The library ``setup.py`` built into the package, if it was built from the sources next to it: ``setup.py``
-    writes their hash beside it (``<library>.sources``); a missing or different hash (sources edited since, in a
-    checkout) means a JIT build instead. File times cannot tell: installing a wheel gives every file a new one.
-    ``LSFUSED_EXT_SOURCE_DIR`` (a build from other sources) skips it."""
+    """The library ``setup.py`` built into the package, if its stamp (``<library>.sources``: the hash of the sources
+    and the torch version it was built from) matches the sources beside it and this torch; else None, and a JIT
+    build (sources edited since, in a checkout; torch upgraded since). File times cannot tell: installing a wheel
+    gives every file a new one. ``LSFUSED_EXT_SOURCE_DIR`` (a build from other sources) skips it."""
     found = sorted(Path(__file__).resolve().parents[1].glob("_C*.so"))
     if not found or os.environ.get("LSFUSED_EXT_SOURCE_DIR"):
         return None
     lib = found[0]
+    if not build.CSRC.is_dir():
+        return lib  # no sources to compare with (nor to JIT-build from)
     stamp = lib.with_name(lib.name + ".sources")
-    if not stamp.is_file() or stamp.read_text().strip() != build.source_hash(build.CSRC, build.CPU_SOURCES):
+    if not stamp.is_file() or stamp.read_text().strip() != build.stamp(build.CSRC, torch.__version__):
         return None
     return lib
 
@@ -122,8 +124,11 @@ def _load() -> str | None:
             if lib is not None:
                 try:
                     torch.ops.load_library(str(lib))
-                except OSError as err:  # built against another torch (upgraded since): compile our own
-                    print(f"lsfused: the installed C++ extension does not load ({err}); building it", file=sys.stderr)
+                except (OSError, RuntimeError) as err:  # e.g. a broken or foreign library: use our own build
+                    print(
+                        f"lsfused: the installed C++ extension does not load ({err}); using a JIT build",
+                        file=sys.stderr,
+                    )
                     lib = None
             if lib is None:
                 _jit()

@@ -3,7 +3,7 @@ C++ extension cannot be built (no compiler) and Triton has no GPU.
 
 The ``torch`` backend (``lsfused.reference``) defines the math bit for bit: every product rounded on its own, a
 correctly rounded square root, the decision sums formed from float64 copies of the buffers. That costs many
-full-size float64 temporaries per step (about 150x fused Adam on bert-base). This backend computes the same
+full-size float64 temporaries per step (80-150x fused Adam on bert-base). This backend computes the same
 quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so the temporaries stay in cache:
 
     v     = lerp(v, g*g, 1-b2)           (v + (1-b2)*(g*g - v): b2*v + (1-b2)*g*g rounded differently)
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lsfused import reference
-from lsfused.reference import HP_COLUMNS, MODE_SGD, NORM_COLUMNS, pairs
+from lsfused.reference import DIAGNOSTIC_COLUMNS, HP_COLUMNS, MODE_SGD, NORM_COLUMNS, pairs
 
 #: elements per chunk: a few buffers of this many fp32 elements fit in a CPU's L3 cache together, and each torch op's
 #: fixed cost (microseconds) is spread over enough elements (2^19 measured fastest of 2^16..2^22 on bert-base here)
@@ -87,7 +87,7 @@ def direction_and_norms(
     )
     for r, (a, b) in enumerate(spans):
         b1, b2, eps, bc1, sqrt_bc2, wd_scale = hp[r * width : (r + 1) * width]
-        acc = [zero] * len(NORM_COLUMNS)
+        acc = [skipped if c in DIAGNOSTIC_COLUMNS and not all_sums else zero for c in range(len(NORM_COLUMNS))]
         for i, j in _chunks(a, b, g.device):
             scratch = scratch_full[: j - i]
             gc = g[i:j] if g.dtype == d.dtype else g[i:j].to(d.dtype)

@@ -194,7 +194,8 @@ def direction_and_norms(
         )
         out[r] = part.sum(0)
     if not all_sums:  # memory-bound on a GPU: the sums are computed anyway
-        out[:, DIAGNOSTIC_COLUMNS] = math.nan
+        for c in DIAGNOSTIC_COLUMNS:
+            out[:, c] = math.nan
     return out
 
 

@@ -411,6 +411,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if not self._fuse_first_trial:
             plan = None
         along_dm = plan is not None and plan[1] == "dm"
+        # gg and dd: only the precision report reads them. FSDP2 adds shard sums over ranks, and a rank without a
+        # recorder would add NaN into a recording rank's.
+        all_sums = self._recorder is not None or any(b.sharded for b in self._buckets)
         done: list[FlatBucket] = []
         parts: list[Tensor] = []
         try:
@@ -421,7 +424,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     eta = torch.tensor(etas, dtype=torch.float64, device=b.device)
                 part = self._ops.direction_and_norms(
                     b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, self._hp(b, k), self._mode, eta, along_dm,
-                    all_sums=self._recorder is not None,  # gg and dd: only the precision report reads them
+                    all_sums=all_sums,
                 )  # fmt: skip
                 done.append(b)
                 parts.append(part)
