@@ -9,12 +9,11 @@ the op sequence before the fusion, bit-identical results). Accepted first trial,
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _results import write_csv  # benchmarks/, this script's folder
 
 import lsfused
 from lsfused import bench
@@ -88,12 +87,7 @@ def main() -> None:
                        fused_adam_ms=statistics.median(adam_ms), machine=bench.machine())  # fmt: skip
             rows.append(row)
             print(f"{name:<14} {key:<36} {row['ratio']:6.2f}x fused Adam ({q[0]:.2f}-{q[3]:.2f})", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ counters are needed (this VM has none: ``perf stat`` reports cycles as not suppo
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lsfused" / "kernels"))
 import _cpp_build  # noqa: E402 - the extension's flags, without importing torch
+from _results import write_csv  # noqa: E402 - benchmarks/, this script's folder
 
 FLAGS = [*_cpp_build.CXX_FLAGS, "-mavx2"]  # the whole driver is the AVX2 copy, as ops.cpp picks on this CPU
 
@@ -154,12 +154,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{where:<10} {name:<38} Pass A {pass_a:9.3f} ms {ns:6.3f} ns/elem/thread {pass_a / base:5.2f}x"
                       f" | Pass B {pass_b:8.3f} ms, recomputing trial {recompute:8.3f} ms", flush=True)  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out, rows)
 
 
 if __name__ == "__main__":
