@@ -6,7 +6,7 @@ can fail a pure-Python install: ``LSFUSED_SKIP_EXT=1`` skips the extension, and 
 prints why and installs without it. The backend then builds itself on first use (a cached JIT build, see
 lsfused/kernels/cpp_ops.py). pip's default build isolation hides torch from this script, so ``pip install -e .`` (the
 Makefile's) relies on that JIT build; ``pip install --no-build-isolation .`` compiles here and stamps the library with
-the hash of its sources (``_C*.so.sources``), which the loader checks before using it.
+the hash of its sources and the torch version (``_C*.so.sources``), which the loader checks before using it.
 """
 
 import importlib.util

@@ -126,9 +126,14 @@ def direction_and_norms(
         if not math.isnan(etas[r]):
             trial_step(w, w0, dm if trial_dm else d, [a, b], torch.tensor(etas[r : r + 1], dtype=torch.float64))
     if not all_sums:
-        for c in DIAGNOSTIC_COLUMNS:
-            out[:, c] = math.nan
+        mark_skipped_sums(out)
     return out
+
+
+def mark_skipped_sums(out: Tensor) -> None:
+    """Pass A without ``all_sums``: NaN in the ``gg`` and ``dd`` columns of its ``[R, 5]`` sums (not computed)."""
+    for c in DIAGNOSTIC_COLUMNS:
+        out[:, c] = math.nan
 
 
 def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:

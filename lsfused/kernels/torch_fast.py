@@ -20,7 +20,7 @@ still a transaction (``w0`` is an exact copy of ``w``; reverting is bit-exact). 
 when neither the C++ extension nor Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on
 a 2-core Zen 1, an accepted AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``:
 2.7-3.3x fused Adam on bert-base's parameters and on 1M parameters in 20 tensors (three runs; the op sequence before
-the lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: about 150x; the C++
+the lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: 80-150x; the C++
 backend: 1.4-1.6x).
 """
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lsfused import reference
-from lsfused.reference import DIAGNOSTIC_COLUMNS, HP_COLUMNS, MODE_SGD, NORM_COLUMNS, pairs
+from lsfused.reference import HP_COLUMNS, MODE_SGD, NORM_COLUMNS, mark_skipped_sums, pairs
 
 #: elements per chunk: a few buffers of this many fp32 elements fit in a CPU's L3 cache together, and each torch op's
 #: fixed cost (microseconds) is spread over enough elements (2^19 measured fastest of 2^16..2^22 on bert-base here)
@@ -79,7 +79,6 @@ def direction_and_norms(
     width = len(HP_COLUMNS)
     sums: list[list[Tensor]] = []
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
-    skipped = torch.full((), math.nan, dtype=torch.float64, device=g.device)
     zero_s = torch.zeros((), dtype=d.dtype, device=d.device)
     longest = max((b - a for a, b in spans), default=0)
     scratch_full = torch.empty(
@@ -87,7 +86,7 @@ def direction_and_norms(
     )
     for r, (a, b) in enumerate(spans):
         b1, b2, eps, bc1, sqrt_bc2, wd_scale = hp[r * width : (r + 1) * width]
-        acc = [skipped if c in DIAGNOSTIC_COLUMNS and not all_sums else zero for c in range(len(NORM_COLUMNS))]
+        acc = [zero] * len(NORM_COLUMNS)
         for i, j in _chunks(a, b, g.device):
             scratch = scratch_full[: j - i]
             gc = g[i:j] if g.dtype == d.dtype else g[i:j].to(d.dtype)
@@ -100,7 +99,7 @@ def direction_and_norms(
             if mode == MODE_SGD:
                 gg = scratch.sum().double()
                 torch.neg(gc, out=dc)
-                part = [gg, gg, -gg, gg, zero] if all_sums else [gg, skipped, -gg, skipped, zero]
+                part = [gg, gg, -gg, gg, zero]
             else:
                 if m is not None:
                     m[i:j].lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
@@ -114,7 +113,7 @@ def direction_and_norms(
                     gdm = _dot(gc, dm[i:j])
                 torch.addcdiv(zero_s, gc, dc, value=-sqrt_bc2, out=dc)
                 gd = _dot(gc, dc)
-                gg, dd = (scratch.sum().double(), _dot(dc, dc)) if all_sums else (skipped, skipped)
+                gg, dd = (scratch.sum().double(), _dot(dc, dc)) if all_sums else (zero, zero)
                 part = [-gd, gg, gd, dd, gdm]
             acc = [x + y for x, y in zip(acc, part, strict=True)]
             if not math.isnan(etas[r]):
@@ -123,7 +122,10 @@ def direction_and_norms(
         sums.append(acc)
     if not sums:
         return torch.zeros(0, len(NORM_COLUMNS), dtype=torch.float64, device=g.device)
-    return torch.stack([torch.stack(row) for row in sums])
+    out = torch.stack([torch.stack(row) for row in sums])
+    if not all_sums:
+        mark_skipped_sums(out)
+    return out
 
 
 def _trial(w: Tensor, w0: Tensor, d: Tensor, eta: float) -> None:

@@ -10,7 +10,6 @@ On CPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` is se
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -18,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lsfused.reference import DIAGNOSTIC_COLUMNS, HP_COLUMNS, MODE_ADAM, NORM_COLUMNS, pairs
+from lsfused.reference import HP_COLUMNS, MODE_ADAM, NORM_COLUMNS, mark_skipped_sums, pairs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs programs one after another: fewer, larger blocks are much faster there.
@@ -194,8 +193,7 @@ def direction_and_norms(
         )
         out[r] = part.sum(0)
     if not all_sums:  # memory-bound on a GPU: the sums are computed anyway
-        for c in DIAGNOSTIC_COLUMNS:
-            out[:, c] = math.nan
+        mark_skipped_sums(out)
     return out
 
 
