@@ -7,6 +7,7 @@ per-step records and parameters to ``OUT_DIR/rank{r}.pt``.
 import faulthandler
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ def worker(rank, mode, name, out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = mlp()
+    model = mlp(dropout=0.5 if mode == "own_noise" else 0.0)
     if mode.startswith("fsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -77,7 +78,7 @@ def worker(rank, mode, name, out, port):
 def train(rank, mode, model, ddp, opt, out):
     if mode == "mismatch" and rank == 1:
         opt.param_groups[0]["c"] = 0.2
-    records, params, interrupted = [], [], []
+    records, params, interrupted, warned = [], [], [], []
     error = None
     try:
         for i, (x, y) in enumerate(global_batches() * 5):
@@ -95,7 +96,18 @@ def train(rank, mode, model, ddp, opt, out):
 
             w0 = full(model)
             try:
-                opt.step(closure)
+                if mode == "own_noise":  # loss=, and rank 1 draws a random number before its forward: no match there
+                    opt.zero_grad()
+                    if rank == 1:
+                        torch.rand(1)
+                    loss = closure()
+                    loss.backward()
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        opt.step(closure, loss=loss)
+                    warned.extend(str(w.message) for w in caught)
+                else:
+                    opt.step(closure)
             except RuntimeError as err:
                 if mode != "raiserank":
                     raise
@@ -105,7 +117,7 @@ def train(rank, mode, model, ddp, opt, out):
             params.append(full(model))
     except ValueError as err:
         error = str(err)
-    result = {"records": records, "params": params, "error": error, "interrupted": interrupted}
+    result = {"records": records, "params": params, "error": error, "interrupted": interrupted, "warned": warned}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -103,6 +103,23 @@ def test_closure_raising_on_one_rank_interrupts_the_step_on_every_rank(tmp_path)
 
 
 @pytest.mark.slow
+def test_loss_argument_mismatch_on_one_rank_falls_back_on_every_rank(tmp_path):
+    """Rank 1 draws a random number between zero_grad() and its forward, so its loss does not match the replayed
+    f(w0) while rank 0's does: every rank must fall back together (a rank that skipped the fallback's backward would
+    leave the other waiting in DDP's all-reduce) and the replicas stay bit-identical."""
+    r0, r1 = run_ranks(tmp_path, "own_noise", "adamsls")
+    assert r0["error"] is None and r1["error"] is None
+    assert len(r0["records"]) == STEPS
+    for a, b in zip(r0["records"], r1["records"], strict=True):
+        assert a == b
+        assert a.closure_calls == a.trials + 2  # the check's forward and the fallback's forward, on both ranks
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(r1["warned"]) == 1 and "opt.watch(model)" in r1["warned"][0]
+    assert r0["warned"] == []  # rank 0's own loss matched: it has nothing to fix
+
+
+@pytest.mark.slow
 def test_ranks_with_different_hyperparameters_are_refused(tmp_path):
     r0, r1 = run_ranks(tmp_path, "mismatch", "adamsls")
     for r in (r0, r1):

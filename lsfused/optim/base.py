@@ -5,6 +5,7 @@ from __future__ import annotations
 import _signal
 import math
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -126,6 +127,17 @@ def _backward_refused() -> Iterator[None]:
         torch.autograd.backward = original
 
 
+class _Handles:
+    """What ``watch()`` returns: ``remove()`` removes its hooks."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done, for the few passes that must not stop half way."""
@@ -208,6 +220,21 @@ _SCALER_INIT, _SCALER_GROWTH, _SCALER_BACKOFF, _SCALER_INTERVAL = 2.0**16, 2.0, 
 _CLIP_EPS = 1e-6
 
 
+def _refuse_accelerate_accumulation() -> None:
+    """accelerate's gradient accumulation sums micro-batch gradients and steps once: a line search would compare the
+    losses of one micro-batch along the direction of another. Refused, as in the HF and Lightning integrations."""
+    state = sys.modules.get("accelerate.state")
+    gradient_state = getattr(state, "GradientState", None)
+    if gradient_state is None or not gradient_state._shared_state:  # no Accelerator in this process
+        return
+    steps = gradient_state().num_steps
+    if steps > 1:
+        raise ValueError(
+            f"lsfused optimizers do not support accelerate's gradient_accumulation_steps={steps}: a line search "
+            "evaluates the loss of the batch whose gradient it follows; use a larger batch instead"
+        )
+
+
 def _refuse_nonfinite(f0: float) -> None:
     if not math.isfinite(f0):
         raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
@@ -267,6 +294,13 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._dist_checked = False
         self._recorder = None
         self._rng_step = -1  # the step whose RNG state step_rng() gave the caller's own forward
+        # loss= path (see _loss_at_start): the step whose forward a watch() hook ran under the step's seed, the
+        # generator states zero_grad() saw (step, states), the open hook contexts, and whether we warned already
+        self._watched_step = -1
+        self._captured: tuple[int, list[Tensor]] | None = None
+        self._watch_stack: list[Any] = []
+        self._in_closure = False
+        self._warned_rng = False
         self._calls = [0]
         self._noise = 0.0
         self._pending: tuple[dict[int, float], str] | None = None  # the trial point Pass A wrote, not yet used
@@ -743,40 +777,45 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Subclasses: decide and apply the update. Return (result, searched groups, merge info)."""
         raise NotImplementedError
 
-    @contextmanager
-    def _seeded(self, step: int) -> Iterator[None]:
-        """The RNG state every closure call of step ``step`` runs under; the caller's state is restored after."""
-        seed = (self._seed + step) % (2**62)
-        # The CPU generator and those of the GPUs holding parameters: seeded here and restored after, nothing else
-        # (torch.manual_seed would also seed every other GPU without restoring it; fork_rng costs twice as much).
+    def _generators(self) -> list[torch.Generator]:
+        """The generators a step seeds and replays: the CPU one and those of the GPUs holding parameters (not every
+        GPU's: torch.manual_seed would seed the others without restoring them)."""
         devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
         if devices:
             torch.cuda.init()  # default_generators is filled in by CUDA's (lazy) initialisation
-        generators = [torch.default_generator] + [torch.cuda.default_generators[i] for i in devices]
-        states = [gen.get_state() for gen in generators]
+        return [torch.default_generator] + [torch.cuda.default_generators[i] for i in devices]
+
+    @contextmanager
+    def _seeded(self, step: int, states: list[Tensor] | None = None) -> Iterator[None]:
+        """The RNG state every closure call of step ``step`` runs under (``states``: generator states to replay, else
+        the step's seed); the caller's state is restored after."""
+        seed = (self._seed + step) % (2**62)
+        generators = self._generators()
+        saved = [gen.get_state() for gen in generators]
         try:
-            for gen in generators:
-                gen.manual_seed(seed)
+            for i, gen in enumerate(generators):
+                if states is None:
+                    gen.manual_seed(seed)
+                else:
+                    gen.set_state(states[i])
             yield
         finally:
-            for gen, state in zip(generators, states, strict=True):
+            for gen, state in zip(generators, saved, strict=True):
                 gen.set_state(state)
 
     @contextmanager
     def step_rng(self) -> Iterator[None]:
-        """Run your own forward for ``step(closure, loss=loss)`` under the random state of the step's trials.
-
-        With ``deterministic_closure=True`` every trial runs under one seed per step, so a loss that the caller
-        computed under other random numbers (dropout) is not comparable with the trial losses: ``step(closure,
-        loss=loss)`` then evaluates ``f(w0)`` once more under the step's seed (one extra forward). A loss computed
-        inside this context is already comparable, and the extra forward is skipped::
+        """Run your own forward for ``step(closure, loss=loss)`` under the random state of the step's trials, and
+        vouch for it: the step then trusts that your loss is comparable with the trials and skips the check of
+        ``f(w0)`` (one forward fewer than :meth:`watch`). Use it when the random part of your loss is not one
+        forward of one module (a model called twice, random numbers drawn in the loss)::
 
             with opt.step_rng():
                 loss = loss_fn(model(x), y)
             loss.backward()
             opt.step(closure, loss=loss)
 
-        With ``deterministic_closure=False`` this does nothing.
+        The step is then bit-identical to ``step(closure)``. With ``deterministic_closure=False`` this does nothing.
         """
         if not self.deterministic_closure:
             yield
@@ -786,7 +825,66 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             yield
         self._rng_step = step
 
-    def _runner(self, closure: Closure) -> Callable[[], Tensor]:
+    def watch(self, module: torch.nn.Module) -> Any:
+        """Make your own forward of ``module`` run under the random state of the step's trials, for
+        ``step(closure, loss=loss)`` loops (custom loops, ``accelerator.backward``, GradScaler): call it once::
+
+            opt.watch(model)
+            for x, y in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step(lambda: loss_fn(model(x), y), loss=loss)
+
+        A forward pre-hook seeds the CPU generator and those of the parameters' GPUs with the step's seed when a
+        forward of ``module`` starts with grad enabled outside a step, and a forward hook restores your RNG state when
+        it ends (your other random draws are unaffected). Your gradient, ``f(w0)`` and every trial then see the same
+        dropout masks, and the step is bit-identical to ``step(closure)``. The step still checks it: ``f(w0)``
+        evaluated under that state must equal your loss within rounding (one forward without grad, as before this
+        existed); when it does not (``module`` called twice for one loss, random numbers drawn outside it), the step
+        falls back (see :meth:`step`). Nested watched modules: the outermost one seeds. Returns a handle whose
+        ``remove()`` removes both hooks.
+
+        Why a hook that seeds rather than a capture of the generator state in ``zero_grad()`` (which is also taken,
+        for loops without ``watch``): measured on an MLP with dropout 0.5 and a 2-layer BERT
+        (``benchmarks/own_backward.py``), a replayed capture keeps the step sizes of ``step(closure)`` only while
+        nothing draws random numbers between ``zero_grad()`` and the forward (a sampler, an augmentation: then every
+        step falls back, one forward and backward more), and follows other masks than ``step(closure)``; the hook
+        sits at the forward itself, so it matches in both loops and reproduces ``step(closure)`` bit for bit.
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"watch() takes the torch.nn.Module whose forward computes the loss, got {module!r}")
+
+        def enter(mod: torch.nn.Module, args: Any) -> None:
+            # Inside a step the closure already runs under the step's state: seed only the caller's own forward.
+            own = self.deterministic_closure and torch.is_grad_enabled() and not self._in_closure
+            context = None
+            if own and not any(c is not None for c in self._watch_stack):
+                context = self._seeded(self._step_count)
+                context.__enter__()
+                self._watched_step = self._step_count
+            self._watch_stack.append(context)
+
+        def leave(mod: torch.nn.Module, args: Any, output: Any) -> None:
+            context = self._watch_stack.pop() if self._watch_stack else None
+            if context is not None:
+                context.__exit__(None, None, None)
+
+        handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+        return _Handles(handles)
+
+    def _replay_states(self) -> list[Tensor] | None:
+        """For a ``loss=`` step: the generator states its closure calls replay. None (the step's seed) when the
+        caller's forward ran under it (``step_rng``, ``watch``) or when ``zero_grad()`` captured nothing for this
+        step; else the states ``zero_grad()`` saw, which the caller's forward started from unless something drew
+        random numbers in between (the check in ``_loss_at_start`` finds that)."""
+        step = self._step_count
+        if self._rng_step == step or self._watched_step == step or self._captured is None:
+            return None
+        captured_step, states = self._captured
+        return states if captured_step == step else None
+
+    def _runner(self, closure: Closure, states: list[Tensor] | None = None) -> Callable[[], Tensor]:
         calls = self._calls = [0]
         step = self._step_count
 
@@ -795,8 +893,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             with _backward_refused():
                 if not self.deterministic_closure:
                     return closure()
-                with self._seeded(step):
-                    return closure()
+                self._in_closure = True
+                try:
+                    with self._seeded(step, states):
+                        return closure()
+                finally:
+                    self._in_closure = False
 
         return run
 
@@ -825,7 +927,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _loss_at_start(self, run: Closure, loss: Tensor | None) -> tuple[Tensor, float]:
         """``f(w0)`` that the trials are compared with, and the loss tensor ``step()`` returns. Runs backward when
-        the optimizer computes the loss itself. Changes no optimizer state."""
+        the optimizer computes the loss itself (and in the ``loss=`` fallback). Changes no optimizer state."""
         if loss is None:
             loss, f0 = self._call(run, "at the starting point", grad=True)
             _refuse_nonfinite(f0)
@@ -842,14 +944,59 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 else:  # loss scaling: backward on loss * scale, in float32 at least (an fp16 loss * 2**16 overflows)
                     (loss.float() * self._scaler["scale"]).backward()
             return loss, f0
-        f0 = self._reduce([check_loss(loss, "(the loss argument)")])[0]
-        _refuse_nonfinite(f0)
-        if self.deterministic_closure and self._rng_step != self._step_count:
-            # The caller's forward ran under other random numbers (dropout) than the trials will: compare the trials
-            # with f(w0) evaluated under the step's seed, not with the caller's loss.
-            f0 = self._call(run, "at the starting point (re-evaluated under the step's seed)")[1]
+        given = check_loss(loss, "(the loss argument)")
+        if not self.deterministic_closure or self._rng_step == self._step_count:
+            # No matching asked for, or step_rng() vouched for the caller's forward: the trials are compared with it.
+            f0 = self._reduce([given])[0]
             _refuse_nonfinite(f0)
-        return loss, f0
+            return loss, f0
+        # Check that the caller's loss is the closure's f(w0) under the state the trials replay: its gradient is only
+        # a valid direction for the losses the search compares when both saw the same random numbers (dropout).
+        replayed = check_loss(self._call(run, "at the starting point (replayed to check the loss argument)")[0], "")
+        tolerance = 4 * loss_ulp(max(abs(given), abs(replayed)), loss.dtype)
+        differs = not abs(replayed - given) <= tolerance  # NaN differs
+        total, differing = self._reduce([given, float(differs)], average=False)  # every rank decides alike
+        f0 = total / max(1, self._world())
+        _refuse_nonfinite(f0)
+        if not differing:
+            return loss, f0
+        if differs:  # the ranks whose own loss differed say so; the others fall back with them
+            self._warn_rng_mismatch(given, replayed)
+        # Fallback: gradient, f(w0) and trials under one RNG state, one forward and backward more.
+        return self._loss_at_start(run, None)
+
+    def _world(self) -> int:
+        group = self._group()
+        return 1 if group is None else dist.get_world_size(group)
+
+    def _warn_rng_mismatch(self, given: float, replayed: float) -> None:
+        """Once: the caller's loss could not be matched, so this step (and each such step) ran its own forward and
+        backward. Name the cheap fix for the loop at hand."""
+        if self._warned_rng:
+            return
+        self._warned_rng = True
+        step = self._step_count
+        if self._watched_step == step:
+            fix = (
+                "the watched module's forward ran under the step's random state, yet the closure's loss differs: "
+                "is the module called more than once for this loss, or are random numbers drawn outside it? Compute "
+                "the loss inside `with opt.step_rng():`"
+            )
+        elif self._captured is not None and self._captured[0] == step:
+            fix = (
+                "random numbers were drawn between opt.zero_grad() and the forward (a sampler, an augmentation), or "
+                "the closure computes another loss than the one passed: call opt.watch(model) once before the loop "
+                "(its forward then runs under the step's random state)"
+            )
+        else:
+            fix = "call opt.watch(model) once before the loop (its forward then runs under the step's random state)"
+        warnings.warn(
+            f"{type(self).__name__}.step(closure, loss=loss): the closure's loss at the starting point under the "
+            f"random state of the trials ({replayed!r}) differs from the loss passed ({given!r}), so the gradient "
+            "does not belong to the losses the search compares (dropout masks). This step, and every such step, "
+            f"falls back to one more forward and backward of the closure. Cheap fix: {fix}",
+            stacklevel=4,
+        )
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, loss: Tensor | None = None) -> Tensor:  # type: ignore[override]
@@ -861,9 +1008,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 calls the closure under ``torch.no_grad()`` for every trial point. Required.
             loss: the loss at the current parameters when the caller already ran forward and backward (as HF
                 Trainer or Lightning do). The optimizer then uses the existing ``.grad`` and only runs trials. With
-                ``deterministic_closure=True`` the trials are compared with ``f(w0)`` evaluated once more under the
-                step's seed (one extra forward, so that dropout masks match), unless the caller's forward ran
-                inside :meth:`step_rng`.
+                ``deterministic_closure=True`` the gradient, ``f(w0)`` and the trials must share one random state
+                (dropout masks). The trials replay the state of your forward: the step's seed when the forward ran
+                under :meth:`watch`'s hook or inside :meth:`step_rng`, else the generator state ``zero_grad()`` saw
+                for this step (or the step's seed when it saw none). Unless :meth:`step_rng` vouched for it, one
+                forward without grad checks that the closure's ``f(w0)`` under that state equals ``loss`` within 4
+                ulps; when it does not, the step falls back to one more forward and backward of the closure under
+                that state (your gradient is replaced) and warns once, naming the cheap fix. Never a step whose
+                gradient comes from other dropout masks than the losses it compares.
 
         Returns:
             The loss at the starting point. When ``loss`` is None, grads are zeroed before backward, so calling
@@ -898,8 +1050,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         caps = self._new_caps()
         if not self._dist_checked:
             self._check_ranks_agree()
-        run = self._runner(closure)
+        _refuse_accelerate_accumulation()
         given_loss = loss is not None
+        run = self._runner(closure, self._replay_states() if given_loss else None)
         loss, f0 = self._loss_at_start(run, loss)
         for b in self._buckets:
             b.check_grads()
@@ -997,9 +1150,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat grad buffers. Grads stay allocated as views of them whatever ``set_to_none`` says, so
-        backward keeps writing in place; a parameter without a gradient counts as a zero gradient."""
+        backward keeps writing in place; a parameter without a gradient counts as a zero gradient.
+
+        Also saves the RNG state (read only) that the next forward will start from, so that a following
+        ``step(closure, loss=loss)`` can replay it for its trials (see :meth:`step`)."""
         for b in self._buckets:
             b.zero_grad()
+        if self.deterministic_closure:
+            self._captured = (self._step_count, [gen.get_state() for gen in self._generators()])
 
     # ------------------------------------------------------------------ state
 
