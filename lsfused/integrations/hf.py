@@ -105,12 +105,15 @@ class LineSearchTrainer(Trainer):
                 stacklevel=2,
             )
             kwargs["optimizers"] = (optimizers[0], None)
-        super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps > 1:
+        # Refused before the Trainer builds its Accelerator, whose process-wide GradientState would keep the setting
+        # (and make lsfused refuse every later step, see base._refuse_accelerate_accumulation).
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "gradient_accumulation_steps", 1) > 1:
             raise ValueError(
                 "LineSearchTrainer does not support gradient_accumulation_steps > 1: a line search evaluates the loss "
                 "of the batch whose gradient it follows; use a larger per-device batch instead"
             )
+        super().__init__(*args, **kwargs)
         self.optimizer_cls = optimizer_cls or lsfused.AdamSLS
         if not (isinstance(self.optimizer_cls, type) and issubclass(self.optimizer_cls, lsfused.LineSearchOptimizer)):
             raise ValueError(f"optimizer_cls must be an lsfused optimizer class, got {self.optimizer_cls!r}")
