@@ -6,8 +6,11 @@ The default run tries ``DEFAULT_EXAMPLES`` sequences per optimizer; ``pytest -m 
 tries ``THOROUGH_EXAMPLES``.
 """
 
+import contextlib
+import dataclasses
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -63,6 +66,8 @@ HYPER = {
 ACTIONS = st.one_of(
     st.tuples(st.just("step"), st.integers(0, len(DATA) - 1)),
     st.tuples(st.just("step_loss"), st.integers(0, len(DATA) - 1)),
+    st.tuples(st.just("own"), st.integers(0, len(DATA) - 1), st.sampled_from(["watch", "step_rng", "unmatched"])),
+    st.tuples(st.just("own_capture"), st.integers(0, len(DATA) - 1), st.booleans()),
     st.tuples(st.just("raise"), st.integers(1, 6), st.sampled_from(["runtime", "keyboard", "float", "vector"])),
     st.tuples(st.just("nonfinite_start"), st.sampled_from([math.nan, math.inf, -math.inf])),
     st.tuples(st.just("nonfinite_trial"), st.integers(2, 6)),
@@ -71,8 +76,8 @@ ACTIONS = st.one_of(
 )
 
 
-def build(name, hp, seed=0):
-    model = mlp(seed=seed)
+def build(name, hp, seed=0, dropout=0.0):
+    model = mlp(seed=seed, dropout=dropout)
     if name == "sgdsls":
         return model, lsfused.SGDSLS(model.parameters(), **hp)
     if name == "adamsls":
@@ -118,7 +123,7 @@ def roundtrip(name, hp, model, opt):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    model2, opt2 = build(name, hp, seed=3)
+    model2, opt2 = build(name, hp, seed=3, dropout=dropout_of(model))
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     for index in (0, 1):
@@ -126,6 +131,34 @@ def roundtrip(name, hp, model, opt):
         opt2.step(scripted(model2, index))
     assert_same(snapshot(model, opt), snapshot(model2, opt2))
     assert repr(opt.last_step) == repr(opt2.last_step)
+
+
+def dropout_of(model):
+    return next((m.p for m in model.modules() if isinstance(m, nn.Dropout)), 0.0)
+
+
+def own_backward(model, opt, closure, variant):
+    """The caller's forward and backward, then ``step(closure, loss=loss)``. ``unmatched``: grads zeroed past the
+    optimizer and a random draw before the forward, so nothing can match the loss (the step falls back)."""
+    handle = opt.watch(model) if variant == "watch" else None
+    if variant == "unmatched":
+        model.zero_grad(set_to_none=False)
+        torch.rand(1)
+    else:
+        opt.zero_grad()
+    if variant == "noise":
+        torch.rand(1)
+    with torch.enable_grad(), opt.step_rng() if variant == "step_rng" else contextlib.nullcontext():
+        loss = closure()
+    with torch.enable_grad():
+        loss.backward()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure, loss=loss)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def apply(name, hp, model, opt, action):
@@ -141,6 +174,24 @@ def apply(name, hp, model, opt, action):
             loss = closure()
             loss.backward()
         opt.step(closure, loss=loss)
+    elif kind == "own":
+        # With the caller's forward under the step's random state (watch, step_rng) or a fallback under it
+        # (unmatched), the step is bit-identical to step(closure) on a twin, dropout or not.
+        twin_model, twin = build(name, hp, seed=3, dropout=dropout_of(model))
+        twin_model.load_state_dict(model.state_dict())
+        twin.load_state_dict(opt.state_dict())
+        twin.step(scripted(twin_model, action[1]))
+        own_backward(model, opt, scripted(model, action[1]), action[2])
+        assert_same(snapshot(twin_model, twin), snapshot(model, opt))
+        # the check's forward, and the fallback's when dropout makes the unmatched loss differ
+        extra = {"watch": 1, "step_rng": 0, "unmatched": 2 if dropout_of(model) else 1}[action[2]]
+        assert opt.last_step == dataclasses.replace(twin.last_step, closure_calls=opt.last_step.trials + extra)
+    elif kind == "own_capture":
+        # zero_grad()'s capture replayed: it matches unless a random draw came between (then one fallback).
+        own_backward(model, opt, scripted(model, action[1]), "noise" if action[2] else "capture")
+        fell_back = action[2] and dropout_of(model) > 0
+        assert opt.last_step.closure_calls == opt.last_step.trials + (2 if fell_back else 1)
+        assert opt.last_step.outcome != "interrupted"
     elif kind == "raise":
         call, what = action[1], action[2]
         expected = {"runtime": RuntimeError, "keyboard": KeyboardInterrupt, "float": TypeError, "vector": ValueError}
@@ -187,8 +238,8 @@ def apply(name, hp, model, opt, action):
     check_consistent(model, opt)
 
 
-def drive(name, hp, actions):
-    model, opt = build(name, hp)
+def drive(name, hp, actions, dropout=0.0):
+    model, opt = build(name, hp, dropout=dropout)
     opt.step(scripted(model, 0))
     for action in actions:
         apply(name, hp, model, opt, action)
@@ -198,9 +249,9 @@ def drive(name, hp, actions):
 
 def sequences(name, examples):
     @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
-    @given(hp=HYPER[name], actions=st.lists(ACTIONS, min_size=1, max_size=6))
-    def run(hp, actions):
-        drive(name, hp, actions)
+    @given(hp=HYPER[name], actions=st.lists(ACTIONS, min_size=1, max_size=6), dropout=st.sampled_from([0.0, 0.5]))
+    def run(hp, actions, dropout):
+        drive(name, hp, actions, dropout)
 
     run()
 
