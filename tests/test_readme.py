@@ -27,7 +27,8 @@ SNIPPETS = snippets()
 
 def test_the_section_covers_every_stack():
     headings = " ".join(name for name, _ in SNIPPETS)
-    for stack in ("Plain PyTorch", "schedulers", "Hugging Face", "Lightning", "PEFT", "Mixed precision", "Saving"):
+    stacks = ("Plain PyTorch", "schedulers", "Hugging Face", "Lightning", "accelerate", "PEFT", "Mixed precision")
+    for stack in (*stacks, "Saving"):
         assert stack in headings
 
 
@@ -39,5 +40,14 @@ def test_snippet_runs(code, tmp_path, monkeypatch):
         pytest.importorskip("pytorch_lightning")
     if "peft" in code:
         pytest.importorskip("peft")
+    if "accelerate" in code:
+        pytest.importorskip("accelerate")
     monkeypatch.chdir(tmp_path)  # snippets write files
-    exec(compile(code, "<README.md snippet>", "exec"), {"__name__": "readme_snippet"})
+    try:
+        exec(compile(code, "<README.md snippet>", "exec"), {"__name__": "readme_snippet"})
+    finally:
+        if "from accelerate" in code:  # its settings live in process-wide singletons: leave none behind
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
