@@ -165,7 +165,14 @@ def test_watch_hooks_only_the_callers_grad_forward_and_can_be_removed():
     with torch.no_grad():
         a, b = closure(), closure()  # not seeded without grad (an evaluation forward): other masks each time
     assert not torch.equal(a, b)
-    handle.remove()
+    with opt.step_rng():  # already the step's state: the hook must not seed again at the forward
+        torch.rand(1)
+        inside = closure()
+    with opt.step_rng():
+        torch.rand(1)
+        handle.remove()
+        unhooked = closure()
+    assert torch.equal(inside, unhooked)
     assert not model._forward_pre_hooks and not model._forward_hooks
     with pytest.raises(TypeError, match="torch.nn.Module"):
         opt.watch(lambda x: x)

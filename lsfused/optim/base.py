@@ -299,7 +299,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._watched_step = -1
         self._captured: tuple[int, list[Tensor]] | None = None
         self._watch_stack: list[Any] = []
-        self._in_closure = False
+        self._in_closure = False  # a closure call of a step, or a step_rng() body, runs: the RNG is the step's
         self._warned_rng = False
         self._calls = [0]
         self._noise = 0.0
@@ -821,8 +821,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             yield
             return
         step = self._step_count
-        with self._seeded(step):
-            yield
+        outer, self._in_closure = self._in_closure, True  # watch() hooks inside must not seed a second time
+        try:
+            with self._seeded(step):
+                yield
+        finally:
+            self._in_closure = outer
         self._rng_step = step
 
     def watch(self, module: torch.nn.Module) -> Any:
