@@ -222,7 +222,8 @@ _CLIP_EPS = 1e-6
 
 def _refuse_accelerate_accumulation() -> None:
     """accelerate's gradient accumulation sums micro-batch gradients and steps once: a line search would compare the
-    losses of one micro-batch along the direction of another. Refused, as in the HF and Lightning integrations."""
+    losses of one micro-batch along the direction of another. Refused, as in the HF and Lightning integrations. The
+    setting lives in accelerate's process-wide ``GradientState``: the last ``Accelerator`` built decides."""
     state = sys.modules.get("accelerate.state")
     gradient_state = getattr(state, "GradientState", None)
     if gradient_state is None or not gradient_state._shared_state:  # no Accelerator in this process
@@ -1060,6 +1061,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         _refuse_accelerate_accumulation()
         given_loss = loss is not None
         run = self._runner(closure, self._replay_states() if given_loss else None)
+        if given_loss:  # the caller's gradient is input: refused as such before a fallback could replace it
+            for b in self._buckets:
+                b.check_grads()
         loss, f0 = self._loss_at_start(run, loss)
         for b in self._buckets:
             b.check_grads()
