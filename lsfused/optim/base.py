@@ -214,6 +214,8 @@ def _refuse_nonfinite(f0: float) -> None:
         raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
 
 
+#: the per-parameter state that lives in the flat buffers
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 #: the entries of every optimizer's search_state; the rest is the subclass's ``_extra_state``
 _SEARCH_STATE_KEYS = {"optimizer", "seed", "loss_scale", "loss_scale_tracker"}
 
@@ -363,7 +365,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         except BaseException:
             del self.param_groups[n:]
             raise
-        moments = {p: {k: t.clone() for k, t in st.items() if k != "step"} for p, st in self.state.items()}
+        moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         self._buckets = self._build_buckets()
         self._group_offsets.append(self._step_count)
         self._step_tensors.append(checkpoint.step_tensor(0))
@@ -1133,7 +1135,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._ops = resolve_backend(self.backend, self.param_groups[0]["params"][0].device)
         # The parameters are new tensors (deepcopy clones each parameter on its own): lay them out in new flat
         # buffers, then copy the moments in.
-        moments = {p: {k: t for k, t in st.items() if k != "step"} for p, st in self.state.items()}
+        moments = {p: {k: t for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         self._buckets = self._build_buckets()
         self._bind_state()
         for p, st in moments.items():
@@ -1328,7 +1330,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     t = checkpoint.local_tensor(t)
                     if name == "step":
                         group_steps.add(_step_value(t, i))
-                    elif p is first and name not in ("exp_avg", "exp_avg_sq"):
+                    elif p is first and name not in _MOMENTS:
                         tensors[name] = t
                     else:
                         if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local_shape[id(p)]:
