@@ -440,3 +440,12 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(process group|torch.distributed).*")
         yield
+
+
+def test_an_optimizer_with_a_process_group_refuses_to_be_copied():
+    model = mlp()
+    opt = lsfused.AdamSLS(model.parameters(), process_group=object())  # never used: no step runs
+    with pytest.raises(TypeError, match="with a process_group cannot be copied or pickled"):
+        copy.deepcopy(opt)
+    with pytest.raises(TypeError, match="with a process_group cannot be copied or pickled"):
+        pickle.dumps(opt)

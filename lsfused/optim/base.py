@@ -306,7 +306,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # Per param group: the optimizer's step count when the group was added (add_param_group after steps), and
         # the group's step count as torch's Adam shows it (state["step"] of each of its parameters).
         self._group_offsets = [0] * self.n_groups
-        self._step_tensors = [checkpoint.step_tensor(0) for _ in self.param_groups]
+        self._steps = checkpoint.step_tensor([0] * self.n_groups)  # group gi's is the view _steps[gi]
         self._bind_state()
         self._initialized = True
         self._sync_state()
@@ -368,7 +368,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         self._buckets = self._build_buckets()
         self._group_offsets.append(self._step_count)
-        self._step_tensors.append(checkpoint.step_tensor(0))
+        self._steps = checkpoint.step_tensor(self._steps.tolist() + [0])
         self._bind_state()
         for p, st in moments.items():
             for key, t in st.items():
@@ -451,7 +451,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     st["exp_avg_sq"] = b.views(b.v, i)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                self.state[p] = {"step": self._step_tensors[gi], **moments[p]}
+                self.state[p] = {"step": self._steps[gi], **moments[p]}
 
     def _search_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """The optimizer-wide state as the state_dict carries it: plain values for every param group's
@@ -469,14 +469,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _sync_state(self) -> None:
         """Bring what ``param_groups`` and ``state`` show of the optimizer-wide state up to date (after
-        construction, a step, a load or a new group): torch's DCP reads which keys exist from them."""
+        construction, a load or a new group): torch's DCP reads which keys exist from them."""
+        self._steps.copy_(checkpoint.step_tensor([self._step_count - k for k in self._group_offsets]))
+        self._sync_search_state()
+
+    def _sync_search_state(self) -> None:
         plain, tensors = self._search_state()
         for group in self.param_groups:
             group["search_state"] = plain  # one fresh dict, shown by every group (state_dict() copies it)
-        for t, offset in zip(self._step_tensors, self._group_offsets, strict=True):
-            t.fill_(self._step_count - offset)
         if tensors:
             self.state[self.param_groups[0]["params"][0]].update(tensors)
+
+    def _count_step(self) -> None:
+        """One more step for the optimizer and every group (a step that ended, accepted or not, or interrupted)."""
+        self._step_count += 1
+        self._steps.add_(1)  # one op for every group's step
+        # Only the loss scale and a subclass's own search state change from step to step.
+        if self._scaler is not None or type(self)._extra_state is not LineSearchOptimizer._extra_state:
+            self._sync_search_state()
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -1028,7 +1038,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 reason="overflow",
                 grad_norm=math.inf,
             )
-            self._sync_state()  # the loss scale
+            self._sync_search_state()  # the lowered loss scale
             return loss.detach()
         for i, cap in caps.items():  # a scheduled (or hand-set) "lr" caps this step and the next ones
             self.param_groups[i]["max_step_size"] = cap
@@ -1055,7 +1065,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             with _sigint_deferred():
                 self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
             raise
-        self._step_count += 1
+        self._count_step()
         self.last_step = StepRecord(
             step=self._step_count,
             loss=f0,
@@ -1070,7 +1080,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             grad_norm=grad_norm,
         )
         self._publish_lr()
-        self._sync_state()
         if given_loss:
             self._warn_if_scaled(result)
         if self._recorder is not None:
@@ -1090,7 +1099,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for group, eta in zip(self.param_groups, step_sizes, strict=True):
             group["step_size"] = eta
         self._load_extra_state(extra)
-        self._step_count += 1
+        self._count_step()
         self.last_step = StepRecord(
             step=self._step_count,
             loss=f0,
@@ -1102,7 +1111,6 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             closure_calls=self._calls[0],
             reason=type(err).__name__,
         )
-        self._sync_state()
         if self._recorder is not None and pass_a_done:
             self._recorder.end_step(self, self.last_step)
 
@@ -1118,10 +1126,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """What ``copy.deepcopy`` and pickle carry: every attribute but the flat buffers and the backend's ops, which
         ``__setstate__`` rebuilds around the (copied) parameters; the moments travel in ``state``. Hooks and an
         attached recorder are not carried (torch's optimizers drop hooks too)."""
-        if any(b.sharded for b in self._buckets):
+        if any(b.sharded for b in self._buckets) or self._process_group is not None:
+            what = "over FSDP2 (DTensor) parameters" if self._process_group is None else "with a process_group"
             raise TypeError(
-                f"{type(self).__name__} over FSDP2 (DTensor) parameters cannot be copied or pickled: save and load "
-                "its state_dict (torch.distributed.checkpoint) instead"
+                f"{type(self).__name__} {what} cannot be copied or pickled: save and load its state_dict "
+                "(torch.distributed.checkpoint) instead"
             )
         skip = {"_buckets", "_ops", "_recorder", "_process_group"}
         skip |= {k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")}

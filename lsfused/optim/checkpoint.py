@@ -66,9 +66,9 @@ def local_tensor(t: Any) -> Any:
     return t.to_local() if is_sharded(t) else t
 
 
-def step_tensor(step: int) -> Tensor:
-    """A per-parameter ``step`` as torch's Adam keeps it (exact for counts up to 2**24)."""
-    return torch.tensor(float(step), dtype=torch.float32)
+def step_tensor(step: int | list[int]) -> Tensor:
+    """A per-parameter ``step`` as torch's Adam keeps it, float32 (exact for counts up to 2**24); or several."""
+    return torch.tensor(step, dtype=torch.float32)
 
 
 def from_v1(state_dict: dict[str, Any], extra_keys: set[str], tensor_keys: set[str]) -> dict[str, Any]:
