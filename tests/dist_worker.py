@@ -5,6 +5,7 @@ global batch and saves per-step records and parameters to ``OUT_DIR/rank{r}.pt``
 load with ``torch.distributed.checkpoint`` (DCP) in ``OUT_DIR/ckpt_flat{False,True}``.
 """
 
+import copy
 import faulthandler
 import os
 import sys
@@ -125,7 +126,6 @@ def train(rank, mode, model, ddp, opt, out):
 
 def resume(rank, model, ddp, opt, out):
     """10 steps, save (local shards + optimizer), 10 more; restore and redo the 10: bit-identical?"""
-    import copy
 
     data = global_batches() * 5
 
@@ -172,8 +172,10 @@ def dcp_modes(rank, mode, name, out, world):
         return os.path.join(out, f"ckpt_flat{flat}")
 
     def build(seed):
-        torch.manual_seed(seed)  # the optimizer's closure seed and PLASLS's generator come from the global seed
         model = sharded_mlp(world, seed)
+        # The optimizer's closure seed comes from the global seed: another one on every rank and in every run (the
+        # ranks agree on rank 0's at the first step, and a load brings the saved one).
+        torch.manual_seed(1000 * seed + 17 * rank + world)
         return model, make_optimizer(name, model, list(model.parameters()))
 
     def steps(model, opt, lo, hi):
@@ -226,6 +228,12 @@ def dcp_modes(rank, mode, name, out, world):
         result["loaded"] = moments(opt)
         result["second"] = steps(model, opt, 10, 20)
         result["params"] = full(model)
+        result["refusals"] = []
+        for attempt in (lambda: copy.deepcopy(opt), lambda: opt.add_param_group({"params": [torch.zeros(2)]})):
+            try:
+                attempt()
+            except (TypeError, ValueError) as err:
+                result["refusals"].append(str(err))
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
 

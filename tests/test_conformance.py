@@ -449,3 +449,75 @@ def test_an_optimizer_with_a_process_group_refuses_to_be_copied():
         copy.deepcopy(opt)
     with pytest.raises(TypeError, match="with a process_group cannot be copied or pickled"):
         pickle.dumps(opt)
+
+
+def test_a_shallow_copy_shares_the_optimizer_as_torchs_does():
+    model, opt = build("adamsls")
+    run(model, opt, 0, 2)
+    shallow = copy.copy(opt)
+    assert shallow.state is opt.state and shallow.param_groups is opt.param_groups
+    run(model, shallow, 2, 3)
+    run(model, opt, 3, 4)  # the original still steps: its parameters were not moved
+    assert opt._step_count == 4
+
+
+def test_pickle_writes_each_moment_once():
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)])
+    opt = lsfused.AdamSLS(model.parameters())
+    moments = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    # The parameters are views of one buffer and pickle writes a storage per tensor (torch.save writes it once);
+    # the moments travel as copies.
+    assert len(pickle.dumps(opt)) < 1.5 * moments + 21 * len(pickle.dumps(model))
+
+
+def test_a_copy_grows_groups_the_original_can_load():
+    model, opt, second = _split_build("adamsls")
+    model2, opt2 = copy.deepcopy((model, opt))
+    _, _, second2 = None, None, list(model2[-1].parameters())
+    opt.add_param_group({"params": second})
+    opt2.add_param_group({"params": second2})
+    opt2.load_state_dict(opt.state_dict())  # the same keys: the copy has no key the original lacks
+    assert set(opt2.param_groups[1]) == set(opt.param_groups[1])
+
+
+def test_step_counts_past_float32_resume_exactly():
+    model, opt = build("adamsls")
+    run(model, opt, 0, 1)
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        st["step"] = torch.tensor(2.0**24 + 1, dtype=torch.float64)
+    opt.load_state_dict(sd)
+    assert opt._step_count == 2**24 + 1 and opt.state_dict()["state"][0]["step"].item() == 2**24 + 1
+
+
+def test_keys_that_torchs_tools_add_to_groups_load_either_way():
+    """torch's load_state_dict takes groups with keys that schedulers, SWALR or named parameters added."""
+    model, opt = build("adamsls")
+    lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10)  # adds initial_lr, max_lr, min_lr, momenta
+    run(model, opt, 0, 2)
+    sd = opt.state_dict()
+    model2, opt2 = build("adamsls", seed=1)
+    opt2.load_state_dict(sd)  # a fresh optimizer, no scheduler yet
+    assert opt2.param_groups[0]["max_lr"] == 0.5
+    opt.load_state_dict(build("adamsls", seed=2)[1].state_dict())  # and the other way round
+    named = CONFIGS["adamsls"](mlp(3).named_parameters(), None)
+    opt.load_state_dict(named.state_dict())
+    assert opt.param_groups[0]["param_names"] == named.param_groups[0]["param_names"]
+    assert opt.param_groups[0]["param_names"] is not named.param_groups[0]["param_names"]  # a copy, as torch's
+
+
+def test_a_refused_add_param_group_leaves_the_parameters_where_they_were(monkeypatch):
+    model, opt, second = _split_build("adamsls")
+    run(model, opt, 0, 2)
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(lsfused.flat.FlatBucket, "__post_init__", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.add_param_group({"params": second})
+    monkeypatch.undo()
+    assert opt.n_groups == 1 and same(opt.state_dict()["state"][0], before)
+    run(model, opt, 2, 3)  # the parameters still live in the optimizer's buffers
+    assert opt.last_step.outcome == "accepted"

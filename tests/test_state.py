@@ -55,7 +55,7 @@ def test_state_dict_is_a_copy_and_names_moments():
     run(model, opt, batches(2), 0, 2)
     sd = opt.state_dict()
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # torch's Adam's names
-    assert sd["state"][0]["step"].item() == 2.0 and sd["state"][0]["step"].dtype == torch.float32
+    assert sd["state"][0]["step"].item() == 2.0 and sd["state"][0]["step"].dtype == torch.float64
     sd["state"][0]["exp_avg"].add_(1.0)
     assert not torch.equal(sd["state"][0]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
 

@@ -343,6 +343,7 @@ BAD = {
     "growth_inf": ("salsa", corrupt_group("growth", math.inf), "growth must be a finite number >= 1.0, got inf"),
     "betas": ("adamsls", corrupt_group("betas", (0.9, 1.5)), r"betas\[1\] must be in"),
     "unknown_key": ("adamsls", corrupt_group("colour", 1), r"unknown \['colour'\]"),
+    "lr_nan": ("adamsls", corrupt_group("lr", math.nan), r"param group 0's \"lr\" must be a finite number >= 0.0"),
     "v_negative": ("adamsls", corrupt_moment(0), "'exp_avg_sq' of parameter 0 must be finite and >= 0, holds -1.0"),
     "v_nan": ("salsa", corrupt_moment(1), "'exp_avg_sq' of parameter 0 must be finite and >= 0, holds nan"),
     "step_negative": ("adamsls", corrupt_step(-1.0), "step of parameter 0 must be a whole number >= 0, got -1.0"),

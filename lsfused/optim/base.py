@@ -214,10 +214,22 @@ def _refuse_nonfinite(f0: float) -> None:
         raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
 
 
+#: param-group keys a state_dict may have or lack: the step-size cap's (older state dicts lack them), and those that
+#: torch's LR schedulers, SWALR and named parameters add to the groups
+_OPTIONAL_KEYS = {"lr", "max_step_size", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum"}
+_OPTIONAL_KEYS |= {"base_momentum", "swa_lr"}
 #: the per-parameter state that lives in the flat buffers
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 #: the entries of every optimizer's search_state; the rest is the subclass's ``_extra_state``
 _SEARCH_STATE_KEYS = {"optimizer", "seed", "loss_scale", "loss_scale_tracker"}
+
+
+def _lr_cap(name: str, lr: Any) -> float:
+    """A value found in ``group["lr"]`` (a number, or a one-element tensor as some schedulers write), validated."""
+    if isinstance(lr, Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    _finite_at_least(name, lr, 0.0)
+    return float(lr)
 
 
 def _step_value(t: Any, index: int) -> int:
@@ -347,26 +359,31 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _add_group_later(self, param_group: dict[str, Any]) -> None:
-        if any(b.sharded for b in self._buckets):
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if any(b.sharded for b in self._buckets) or any(is_sharded(p) for p in params):
             raise ValueError(
                 "add_param_group after construction is not supported under FSDP2: build the optimizer over every "
                 "parameter group (frozen parameters keep zero gradients)"
             )
         user_lr = param_group.pop("lr", None)
-        n = self.n_groups
+        n, old_buckets = self.n_groups, self._buckets
+        moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         try:
-            self._append_group(param_group)
+            self._append_group({**param_group, "params": params})
             group = self.param_groups[n]
             group.setdefault("step_size", self._new_group_step_size())
             group.setdefault("max_step_size", None)
             self._check_groups()
             if user_lr is not None:
                 _finite_at_least(f'param group {n}\'s "lr" (read as the step-size cap max_step_size)', user_lr, 0.0)
+            self._buckets = self._build_buckets()  # re-points every parameter at new flat buffers
         except BaseException:
             del self.param_groups[n:]
+            self._buckets = old_buckets
+            for b in old_buckets:
+                b.rebind()
             raise
-        moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
-        self._buckets = self._build_buckets()
         self._group_offsets.append(self._step_count)
         self._steps = checkpoint.step_tensor(self._steps.tolist() + [0])
         self._bind_state()
@@ -449,6 +466,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     st["exp_avg"] = b.views(b.m, i)
                 if b.v is not None:
                     st["exp_avg_sq"] = b.views(b.v, i)
+        self.state.clear()
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 self.state[p] = {"step": self._steps[gi], **moments[p]}
@@ -639,10 +657,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             lr = group.get("lr")
             written = self._lr_written[i] if i < len(self._lr_written) else None
             if lr is not written and lr != written:
-                if isinstance(lr, Tensor) and lr.numel() == 1:
-                    lr = lr.item()
-                _finite_at_least(f'param group {i}\'s "lr" (read as the step-size cap max_step_size)', lr, 0.0)
-                new[i] = float(lr)
+                new[i] = _lr_cap(f'param group {i}\'s "lr" (read as the step-size cap max_step_size)', lr)
         return new
 
     def _publish_lr(self) -> None:
@@ -746,13 +761,16 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if group is None:
             return
         mine = self._signature()
-        everyone: list[str] = [""] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
-        if any(sig != mine for sig in everyone):
+        everyone: list[tuple[str, int]] = [("", 0)] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (mine, self._seed), group=group)
+        if any(sig != mine for sig, _ in everyone):
             raise ValueError(
                 "ranks disagree on the optimizer's parameter layout or hyperparameters; every rank must build the "
                 f"same optimizer over the same model (this rank: {mine})"
             )
+        # One closure seed for every rank (rank 0's), as the state_dict holds one: a resumed run then draws the same
+        # random numbers on every rank as the run that saved it, whatever seeds the ranks started from.
+        self._seed = everyone[0][1]
 
     def _armijo(
         self,
@@ -1134,10 +1152,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         skip = {"_buckets", "_ops", "_recorder", "_process_group"}
         skip |= {k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")}
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        # Copies of the moments, not views: a view would carry its whole flat buffer with it (pickle writes a
+        # storage once per tensor).
+        state["state"] = {p: {k: t.clone() for k, t in st.items()} for p, st in self.state.items()}
+        return state
+
+    def __copy__(self) -> LineSearchOptimizer:
+        """A shallow copy shares everything with the original (flat buffers too), as a shallow copy of torch's
+        optimizers does: stepping either steps the same parameters."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state["defaults"]
         super().__setstate__(state)  # torch: the attributes, empty hook dicts
+        if not had_differentiable:  # torch adds it; a group added later would then have a key the original lacks
+            self.defaults.pop("differentiable", None)
         self._recorder = None
         self._process_group = None
         self._dist_checked = False
@@ -1180,10 +1212,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             packed["params"] = []
             for p in group["params"]:
                 index = len(state)
-                state[index] = {k: checkpoint.export_tensor(p, v) for k, v in self.state[p].items()}
+                state[index] = {
+                    k: checkpoint.export_tensor(p, v) if k in _MOMENTS else v.clone() for k, v in self.state[p].items()
+                }
                 packed["params"].append(index)
             groups.append(packed)
-        state[0].update({k: v.clone() for k, v in tensors.items()})
         state_dict = {"state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -1233,6 +1266,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # What this optimizer last wrote into "lr" (_publish_lr): a scheduler's value saved before a step read it
         # differs from it, and still counts as new after loading.
         self._lr_written = [self._capped(i, float(g["step_size"])) for i, g in enumerate(self.param_groups)]
+        self._dist_checked = False  # the ranks check again that they loaded the same
         self._sync_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -1292,13 +1326,14 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 )
             keys = set(entry) - {"params", "search_state"}
             expected = set(group) - {"params", "search_state"}
-            keys |= expected & {"lr", "max_step_size", "param_names"}  # optional (param_names: torch's too)
-            if keys != expected:
-                raise ValueError(
-                    f"state_dict param group {i} has keys missing {sorted(expected - keys)} and unknown "
-                    f"{sorted(keys - expected)}"
-                )
-            out.append({"max_step_size": None, **{k: entry[k] for k in keys if k in entry}})
+            missing, unknown = expected - keys - _OPTIONAL_KEYS, keys - expected - _OPTIONAL_KEYS
+            if missing or unknown:
+                what = [f"missing {sorted(missing)}"] * bool(missing) + [f"unknown {sorted(unknown)}"] * bool(unknown)
+                raise ValueError(f"state_dict param group {i} has keys {' and '.join(what)}")
+            values = copy.deepcopy({k: entry[k] for k in keys})  # the optimizer's own, as torch's load makes them
+            if "lr" in values:
+                _lr_cap(f'state_dict param group {i}\'s "lr"', values["lr"])
+            out.append({"max_step_size": None, **values})
         try:
             self._check_values(out)
         except ValueError as err:
@@ -1344,7 +1379,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                     else:
                         if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local_shape[id(p)]:
                             raise ValueError(
-                                f"state_dict entry {name!r} of parameter {i} does not match its shape and dtype"
+                                f"state_dict entry {name!r} of parameter {i} does not match its shape (or is not "
+                                "floating point)"
                             )
                         bad = ~torch.isfinite(t) | (t < 0) if name == "exp_avg_sq" else ~torch.isfinite(t)
                         if bool(bad.any()):

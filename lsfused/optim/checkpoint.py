@@ -3,7 +3,7 @@
 A state_dict holds only ``state`` and ``param_groups``, as torch's optimizers' do, because the tools around an
 optimizer (``torch.distributed.checkpoint``, HF accelerate, Lightning's strategies) keep only those two keys:
 
-- ``state[i]``: per parameter, ``step`` (a float32 scalar tensor, as torch's Adam has: the steps this parameter's
+- ``state[i]``: per parameter, ``step`` (a float64 scalar tensor, as torch's Adam has: the steps this parameter's
   group has taken) and the moments ``exp_avg``/``exp_avg_sq`` where the optimizer has them (DTensors for FSDP2
   parameters, so that DCP can reshard them). Tensor-valued optimizer-wide state (PLASLS's generator) sits in the
   first parameter's state, as torch's LBFGS keeps its optimizer-wide state.
@@ -67,8 +67,9 @@ def local_tensor(t: Any) -> Any:
 
 
 def step_tensor(step: int | list[int]) -> Tensor:
-    """A per-parameter ``step`` as torch's Adam keeps it, float32 (exact for counts up to 2**24); or several."""
-    return torch.tensor(step, dtype=torch.float32)
+    """A per-parameter ``step`` as torch's Adam keeps it (a scalar tensor; float64, so that counts past 2**24 stay
+    exact: torch's Adam loads it as its own dtype); or several."""
+    return torch.tensor(step, dtype=torch.float64)
 
 
 def from_v1(state_dict: dict[str, Any], extra_keys: set[str], tensor_keys: set[str]) -> dict[str, Any]:

@@ -62,7 +62,6 @@ class _ArmijoSLS(LineSearchOptimizer):
         self._searched: list[int] = []
         super().__init__(params, defaults, **options)
         self.components = [list(range(self.n_groups))]
-        self._sync_state()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         interpolation.validate(group)
