@@ -228,6 +228,7 @@ def dcp_modes(rank, mode, name, out, world):
         result["loaded"] = moments(opt)
         result["second"] = steps(model, opt, 10, 20)
         result["params"] = full(model)
+        result["seeds"] = [opt._seed, opt.param_groups[0]["search_state"]["seed"]]  # what the groups show is current
         result["refusals"] = []
         for attempt in (lambda: copy.deepcopy(opt), lambda: opt.add_param_group({"params": [torch.zeros(2)]})):
             try:

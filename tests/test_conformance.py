@@ -472,7 +472,7 @@ def test_pickle_writes_each_moment_once():
 def test_a_copy_grows_groups_the_original_can_load():
     model, opt, second = _split_build("adamsls")
     model2, opt2 = copy.deepcopy((model, opt))
-    _, _, second2 = None, None, list(model2[-1].parameters())
+    second2 = list(model2[-1].parameters())
     opt.add_param_group({"params": second})
     opt2.add_param_group({"params": second2})
     opt2.load_state_dict(opt.state_dict())  # the same keys: the copy has no key the original lacks

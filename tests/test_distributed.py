@@ -176,5 +176,6 @@ def test_fsdp2_dcp_reshards(tmp_path, saved_at, loaded_at):
             assert b.step_sizes == pytest.approx(a.step_sizes, rel=1e-5)
         for a, b in zip(saved["params"], r["params"], strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert r["seeds"][0] == r["seeds"][1] == loaded[0]["seeds"][0]  # one seed on every rank, shown as it is
         assert "over FSDP2 (DTensor) parameters cannot be copied" in r["refusals"][0]
         assert "add_param_group after construction is not supported under FSDP2" in r["refusals"][1]

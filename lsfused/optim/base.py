@@ -336,7 +336,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise ValueError("a param group must be a dict with a 'params' entry")
-        param_group = dict(param_group)
+        params = param_group["params"]
+        param_group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
         if getattr(self, "_initialized", False):
             self._add_group_later(param_group)
         else:
@@ -344,10 +345,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _append_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group (defaults filled in, a parameter in two groups refused), tied weights once."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
         unique, seen = [], set()
-        for p in params:  # tied weights: count once
+        for p in param_group["params"]:  # tied weights: count once
             if id(p) not in seen:
                 seen.add(id(p))
                 unique.append(p)
@@ -359,9 +358,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _add_group_later(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if any(b.sharded for b in self._buckets) or any(is_sharded(p) for p in params):
+        if any(b.sharded for b in self._buckets) or any(is_sharded(p) for p in param_group["params"]):
             raise ValueError(
                 "add_param_group after construction is not supported under FSDP2: build the optimizer over every "
                 "parameter group (frozen parameters keep zero gradients)"
@@ -370,7 +367,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         n, old_buckets = self.n_groups, self._buckets
         moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         try:
-            self._append_group({**param_group, "params": params})
+            self._append_group(param_group)
             group = self.param_groups[n]
             group.setdefault("step_size", self._new_group_step_size())
             group.setdefault("max_step_size", None)
@@ -387,9 +384,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._group_offsets.append(self._step_count)
         self._steps = checkpoint.step_tensor(self._steps.tolist() + [0])
         self._bind_state()
-        for p, st in moments.items():
-            for key, t in st.items():
-                self.state[p][key].copy_(t)
+        self._copy_moments(moments)
         group["lr"] = self._capped(n, float(group["step_size"]))
         self._lr_written.append(group["lr"])
         if user_lr is not None:
@@ -470,6 +465,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 self.state[p] = {"step": self._steps[gi], **moments[p]}
+
+    def _copy_moments(self, moments: dict[Tensor, dict[str, Tensor]]) -> None:
+        """Write moments (per parameter, by name) into the flat buffers' views."""
+        for p, st in moments.items():
+            for key, t in st.items():
+                self.state[p][key].copy_(t)
 
     def _search_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """The optimizer-wide state as the state_dict carries it: plain values for every param group's
@@ -771,6 +772,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # One closure seed for every rank (rank 0's), as the state_dict holds one: a resumed run then draws the same
         # random numbers on every rank as the run that saved it, whatever seeds the ranks started from.
         self._seed = everyone[0][1]
+        self._sync_search_state()
 
     def _armijo(
         self,
@@ -1179,9 +1181,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         moments = {p: {k: t for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
         self._buckets = self._build_buckets()
         self._bind_state()
-        for p, st in moments.items():
-            for key, t in st.items():
-                self.state[p][key].copy_(t)
+        self._copy_moments(moments)
         self._sync_state()
 
     # ------------------------------------------------------------------ state
@@ -1203,7 +1203,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         registered with ``register_state_dict_pre_hook``/``register_state_dict_post_hook``, as torch does."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        plain, tensors = self._search_state()
+        plain, _ = self._search_state()  # the tensors are in the first parameter's state already
         state: dict[int, dict[str, Tensor]] = {}
         groups = []
         for group in self.param_groups:
@@ -1254,9 +1254,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # Validated: now commit.
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             group.update(saved)
-        for p, st in new_state.items():
-            for key, t in st.items():
-                self.state[p][key].copy_(t)
+        self._copy_moments(new_state)
         self._step_count = max(steps)
         self._group_offsets = [self._step_count - k for k in steps]
         self._seed = search["seed"]
