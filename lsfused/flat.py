@@ -110,6 +110,14 @@ class FlatBucket:
         """The slice of a flat buffer that belongs to parameter ``i``, shaped like it (its local shard)."""
         return buf[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i])
 
+    def rebind(self) -> None:
+        """Point the parameters and their grads at this bucket's buffers again (after building another bucket over
+        them failed half way; the values there are still current)."""
+        if not self.sharded:
+            for i, p in enumerate(self.params):
+                p.data = self.views(self.w, i)
+                p.grad = self._gviews[i]
+
     def read_params(self) -> None:
         """Sharded buckets: refresh the flat copy from FSDP2's local shards (they may have been loaded or changed
         outside the optimizer since the last step)."""

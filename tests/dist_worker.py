@@ -1,9 +1,11 @@
-"""Run by tests/test_distributed.py: ``python dist_worker.py MODE OPTIMIZER OUT_DIR PORT``.
+"""Run by tests/test_distributed.py: ``python dist_worker.py MODE OPTIMIZER OUT_DIR PORT [WORLD_SIZE]``.
 
-Spawns 2 gloo ranks; each trains the tests' small network for 20 steps on its half of every global batch and saves
-per-step records and parameters to ``OUT_DIR/rank{r}.pt``.
+Spawns WORLD_SIZE (default 2) gloo ranks; each trains the tests' small network for 20 steps on its share of every
+global batch and saves per-step records and parameters to ``OUT_DIR/rank{r}.pt``. The ``fsdp_dcp*`` modes save and
+load with ``torch.distributed.checkpoint`` (DCP) in ``OUT_DIR/ckpt_flat{False,True}``.
 """
 
+import copy
 import faulthandler
 import os
 import sys
@@ -46,21 +48,34 @@ def full(model):
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
-def worker(rank, mode, name, out, port):
+def sharded_mlp(world, seed=0):
+    """The tests' network under FSDP2 over ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(seed)
+    # reshard_after_forward=True also on the root: trials write the local shards in place, and the default ("auto")
+    # keeps the root unsharded after a forward, so the next trial would not see the new weights.
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)), reshard_after_forward=True)
+    return model
+
+
+def worker(rank, mode, name, out, port, world):
     faulthandler.enable()  # a rank killed by a signal prints where (Python stack) it was
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = mlp(dropout=0.5 if mode == "own_noise" else 0.0)
+    if mode.startswith("fsdp_dcp"):
+        dcp_modes(rank, mode, name, out, world)
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if mode.startswith("fsdp"):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        # reshard_after_forward=True also on the root: trials write the local shards in place, and the default
-        # ("auto") keeps the root unsharded after a forward, so the next trial would not see the new weights.
-        fully_shard(model, mesh=init_device_mesh("cpu", (2,)), reshard_after_forward=True)
+        model = sharded_mlp(world)
         ddp = model
     else:
+        model = mlp(dropout=0.5 if mode == "own_noise" else 0.0)
         ddp = nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(name, model, list(model.parameters()))
     if mode == "fsdp_resume":
@@ -123,7 +138,6 @@ def train(rank, mode, model, ddp, opt, out):
 
 def resume(rank, model, ddp, opt, out):
     """10 steps, save (local shards + optimizer), 10 more; restore and redo the 10: bit-identical?"""
-    import copy
 
     data = global_batches() * 5
 
@@ -150,6 +164,93 @@ def resume(rank, model, ddp, opt, out):
     torch.save({"same_params": same, "first": first, "second": second}, os.path.join(out, f"rank{rank}.pt"))
 
 
+def dcp_modes(rank, mode, name, out, world):
+    """DCP under FSDP2. ``fsdp_dcp``: 10 steps, save, 10 more; then a fresh model and optimizer (other weights, other
+    seeds) load the checkpoint, once per ``flatten_optimizer_state_dict`` setting, and redo the 10 steps.
+    ``fsdp_dcp_save``/``fsdp_dcp_load``: the halves, for resharding (saved at one world size, loaded at another)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    data = global_batches() * 5
+    per = 32 // world
+
+    def ckpt(flat):  # a checkpoint is loaded with the layout it was saved with
+        return os.path.join(out, f"ckpt_flat{flat}")
+
+    def build(seed):
+        model = sharded_mlp(world, seed)
+        # The optimizer's closure seed comes from the global seed: another one on every rank and in every run (the
+        # ranks agree on rank 0's at the first step, and a load brings the saved one).
+        torch.manual_seed(1000 * seed + 17 * rank + world)
+        return model, make_optimizer(name, model, list(model.parameters()))
+
+    def steps(model, opt, lo, hi):
+        recs = []
+        for x, y in data[lo:hi]:
+            xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            opt.step(lambda xs=xs, ys=ys: nn.functional.cross_entropy(model(xs), ys))
+            recs.append(opt.last_step)
+        return recs
+
+    def state(model, opt, flat=False):
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)}
+
+    def load(model, opt, flat=False):
+        sd = state(model, opt, flat)
+        dcp.load(sd, checkpoint_id=ckpt(flat))
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"], options=StateDictOptions(flatten_optimizer_state_dict=flat))
+
+    def moments(opt):
+        """Full (gathered) moments and step sizes, from the optimizer's own state_dict."""
+        sd = opt.state_dict()
+        full = {
+            (i, k): (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+            for i, st in sd["state"].items()
+            for k, t in st.items()
+            if k in ("exp_avg", "exp_avg_sq")
+        }
+        return full, [g["step_size"] for g in sd["param_groups"]]
+
+    result = {}
+    if mode in ("fsdp_dcp", "fsdp_dcp_save"):
+        model, opt = build(0)
+        steps(model, opt, 0, 10)
+        for flat in (False, True) if mode == "fsdp_dcp" else (False,):
+            dcp.save(state(model, opt, flat), checkpoint_id=ckpt(flat))
+        result["saved"] = moments(opt)
+        result["first"] = steps(model, opt, 10, 20)
+        result["params"] = full(model)
+    if mode == "fsdp_dcp":
+        for flat in (False, True):
+            model, opt = build(100 + flat)
+            load(model, opt, flat)
+            result[f"second_flat{flat}"] = steps(model, opt, 10, 20)
+            result[f"params_flat{flat}"] = full(model)
+    if mode == "fsdp_dcp_load":
+        model, opt = build(100)
+        load(model, opt)
+        result["loaded"] = moments(opt)
+        result["second"] = steps(model, opt, 10, 20)
+        result["params"] = full(model)
+        result["seeds"] = [opt._seed, opt.param_groups[0]["search_state"]["seed"]]  # what the groups show is current
+        result["refusals"] = []
+        for attempt in (lambda: copy.deepcopy(opt), lambda: opt.add_param_group({"params": [torch.zeros(2)]})):
+            try:
+                attempt()
+            except (TypeError, ValueError) as err:
+                result["refusals"].append(str(err))
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
 if __name__ == "__main__":
     mode, name, out, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    mp.spawn(worker, args=(mode, name, out, port), nprocs=2, join=True)
+    world = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+    mp.spawn(worker, args=(mode, name, out, port, world), nprocs=world, join=True)

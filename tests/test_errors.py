@@ -1,5 +1,6 @@
 """Every refused call raises a clear error and leaves parameters and optimizer state bit-identical."""
 
+import copy
 import math
 
 import pytest
@@ -249,8 +250,24 @@ def test_mixed_devices_in_one_component_refused():
         lsfused.AdamSLS([nn.Parameter(torch.zeros(3)), meta])
 
 
-def test_add_param_group_after_construction_refused():
+def test_bad_param_group_added_later_is_refused_and_changes_nothing():
     model = mlp()
-    opt = lsfused.AdamSLS(list(model.parameters())[:2])
-    with pytest.raises(RuntimeError, match="pass every param group at construction"):
-        opt.add_param_group({"params": list(model.parameters())[2:]})
+    params = list(model.parameters())
+    opt = lsfused.AdamSLS(params[:2])
+    x, y = batches(1)[0]
+    opt.step(closure_for(model, x, y))
+    before = snapshot(model, opt)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    cases = [
+        ({"params": params[:1]}, "some parameters appear in more than one parameter group"),
+        ({"params": []}, "param group 1 has no parameters"),
+        ({"params": params[2:], "c": 2.0}, r"c must be in \(0.0, 1.0\), got 2.0"),
+        ({"params": params[2:], "lr": -1.0}, "read as the step-size cap"),
+        ({"params": params[2:], "beta_b": 0.5}, "line-search hyperparameters"),
+        ([params[2]], "a param group must be a dict"),
+    ]
+    for group, match in cases:
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group(group)
+        assert_same(before, snapshot(model, opt))
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups

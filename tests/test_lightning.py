@@ -174,4 +174,4 @@ def test_checkpoint_resume_is_exact(tmp_path):
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LightningModule).*")
         _trainer(max_epochs=2).fit(resumed, _loader(), ckpt_path=tmp_path / "half.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed), strict=True))
-    assert resumed.trainer.optimizers[0].state_dict()["lsfused"]["step"] == 8
+    assert resumed.trainer.optimizers[0].state_dict()["state"][0]["step"].item() == 8

@@ -54,7 +54,8 @@ def test_state_dict_is_a_copy_and_names_moments():
     opt = lsfused.AdamSLS(model.parameters(), betas=(0.9, 0.999))
     run(model, opt, batches(2), 0, 2)
     sd = opt.state_dict()
-    assert set(sd["state"][0]) == {"exp_avg", "exp_avg_sq"}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # torch's Adam's names
+    assert sd["state"][0]["step"].item() == 2.0 and sd["state"][0]["step"].dtype == torch.float64
     sd["state"][0]["exp_avg"].add_(1.0)
     assert not torch.equal(sd["state"][0]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
 
@@ -100,5 +101,6 @@ def test_plasls_layout_mismatch_refused():
     model = mlp()
     opt = lsfused.PLASLS(lsfused.components.by_layers(model, 2))
     sd = opt.state_dict()
-    sd["lsfused"]["extra"]["components"] = [[0]]
+    for group in sd["param_groups"]:  # search_state is the same in every group
+        group["search_state"]["components"] = ((0,),)
     _refused_load(model, opt, sd, "component layout")

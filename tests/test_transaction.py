@@ -311,16 +311,24 @@ def corrupt_moment(index):
     return edit
 
 
-def corrupt_meta(key, value):
+def corrupt_step(value):
     def edit(sd):
-        sd["lsfused"][key] = value
+        sd["state"][0]["step"] = torch.tensor(value)
 
     return edit
 
 
-def corrupt_extra(key, value):
+def corrupt_search_state(key, value):
     def edit(sd):
-        sd["lsfused"]["extra"][key] = value
+        for group in sd["param_groups"]:  # the same in every group
+            group["search_state"][key] = value
+
+    return edit
+
+
+def corrupt_first_state(key, value):
+    def edit(sd):
+        sd["state"][0][key] = value
 
     return edit
 
@@ -335,14 +343,17 @@ BAD = {
     "growth_inf": ("salsa", corrupt_group("growth", math.inf), "growth must be a finite number >= 1.0, got inf"),
     "betas": ("adamsls", corrupt_group("betas", (0.9, 1.5)), r"betas\[1\] must be in"),
     "unknown_key": ("adamsls", corrupt_group("colour", 1), r"unknown \['colour'\]"),
+    "lr_nan": ("adamsls", corrupt_group("lr", math.nan), r"param group 0's \"lr\" must be a finite number >= 0.0"),
     "v_negative": ("adamsls", corrupt_moment(0), "'exp_avg_sq' of parameter 0 must be finite and >= 0, holds -1.0"),
     "v_nan": ("salsa", corrupt_moment(1), "'exp_avg_sq' of parameter 0 must be finite and >= 0, holds nan"),
-    "step_negative": ("adamsls", corrupt_meta("step", -1), "state_dict step must be an integer >= 0, got -1"),
-    "step_float": ("adamsls", corrupt_meta("step", 2.5), "state_dict step must be an integer >= 0, got 2.5"),
-    "cursor": ("plasls", corrupt_extra("cursor", 7), "cursor 7 is past the last of 2 components"),
-    "generator": ("plasls", corrupt_extra("generator", "x"), "'generator' is not a generator state"),
-    "salsa_G": ("salsa", corrupt_extra("G", math.nan), "SaLSa state G must be a finite number, got nan"),
-    "salsa_slow": ("salsa", corrupt_extra("slow", 0.0), "SaLSa state slow must be a positive finite number"),
+    "step_negative": ("adamsls", corrupt_step(-1.0), "step of parameter 0 must be a whole number >= 0, got -1.0"),
+    "step_float": ("adamsls", corrupt_step(2.5), "step of parameter 0 must be a whole number >= 0, got 2.5"),
+    "step_group": ("adamsls", corrupt_step(2.0), r"param group 0 holds different steps \[2, 3\]"),
+    "seed": ("adamsls", corrupt_search_state("seed", -3), "state_dict seed must be an integer >= 0, got -3"),
+    "cursor": ("plasls", corrupt_search_state("cursor", 7), "cursor 7 is past the last of 2 components"),
+    "generator": ("plasls", corrupt_first_state("generator", torch.zeros(3)), "'generator' is not a generator state"),
+    "salsa_G": ("salsa", corrupt_search_state("G", math.nan), "SaLSa state G must be a finite number, got nan"),
+    "salsa_slow": ("salsa", corrupt_search_state("slow", 0.0), "SaLSa state slow must be a positive finite number"),
 }
 
 
@@ -367,7 +378,8 @@ def test_load_state_dict_refuses_bad_values_and_changes_nothing(case):
     [
         (lambda sd: sd.pop("param_groups"), r"state_dict lacks \['param_groups'\]"),
         (lambda sd: sd.pop("state"), r"state_dict lacks \['state'\]"),
-        (lambda sd: sd["lsfused"].pop("seed"), r"state_dict lacks \['lsfused.seed'\]"),
+        (lambda sd: [g["search_state"].pop("seed") for g in sd["param_groups"]], r"search_state lacks \['seed'\]"),
+        (lambda sd: sd["param_groups"][1]["search_state"].update(seed=1), "disagree on search_state"),
         (lambda sd: sd["param_groups"][0].pop("c"), r"missing \['c'\]"),
         (lambda sd: sd["param_groups"].pop(), "state_dict has 1 param groups, this optimizer has 2"),
         (lambda sd: sd.update(param_groups="x"), "state_dict has str param groups"),

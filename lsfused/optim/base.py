@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _signal
+import copy
 import math
 import signal
 import sys
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket, is_sharded
+from lsfused.optim import checkpoint
 from lsfused.optim.interpolation import Interpolator
 from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
@@ -28,7 +30,6 @@ OUTCOMES = ("accepted", "failed", "skipped", "unresolvable", "interrupted")
 ARMIJO_TESTS = ("noise_aware", "classic")
 #: absorbed fraction at or above which smaller steps cannot change the network
 ABSORBED_STOP = 0.999
-_STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,33 @@ def _refuse_nonfinite(f0: float) -> None:
         raise ValueError(f"the loss at the starting point is not finite ({f0}); the step was refused")
 
 
+#: param-group keys a state_dict may have or lack: the step-size cap's (older state dicts lack them), and those that
+#: torch's LR schedulers, SWALR and named parameters add to the groups
+_OPTIONAL_KEYS = {"lr", "max_step_size", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum"}
+_OPTIONAL_KEYS |= {"base_momentum", "swa_lr"}
+#: the per-parameter state that lives in the flat buffers
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+#: the entries of every optimizer's search_state; the rest is the subclass's ``_extra_state``
+_SEARCH_STATE_KEYS = {"optimizer", "seed", "loss_scale", "loss_scale_tracker"}
+
+
+def _lr_cap(name: str, lr: Any) -> float:
+    """A value found in ``group["lr"]`` (a number, or a one-element tensor as some schedulers write), validated."""
+    if isinstance(lr, Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    _finite_at_least(name, lr, 0.0)
+    return float(lr)
+
+
+def _step_value(t: Any, index: int) -> int:
+    """A saved per-parameter ``step``: a whole number >= 0 (a scalar tensor, as torch's Adam saves it, or a number)."""
+    value = t.item() if isinstance(t, Tensor) and t.numel() == 1 else t
+    ok = _number(value) and math.isfinite(value) and value >= 0 and float(value).is_integer()
+    if not ok:
+        raise ValueError(f"state_dict step of parameter {index} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def _betas(value: Any) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
@@ -322,20 +350,38 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._ops = resolve_backend(backend, self.param_groups[0]["params"][0].device)
         self.backend = self._ops.name
         self._buckets = self._build_buckets()
+        # Per param group: the optimizer's step count when the group was added (add_param_group after steps), and
+        # the group's step count as torch's Adam shows it (state["step"] of each of its parameters).
+        self._group_offsets = [0] * self.n_groups
+        self._steps = checkpoint.step_tensor([0] * self.n_groups)  # group gi's is the view _steps[gi]
         self._bind_state()
         self._initialized = True
+        self._sync_state()
 
     # ------------------------------------------------------------------ construction
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_initialized", False):
-            raise RuntimeError(
-                "lsfused optimizers keep parameters in flat buffers: pass every param group at construction"
-            )
+        """Add a param group, at construction or later (gradual unfreezing).
+
+        A group added after construction starts with fresh moments and its own step count for Adam's bias
+        correction, as in torch; its step size is the current one of the search (``_new_group_step_size``), and an
+        ``"lr"`` given in ``param_group`` caps it (``max_step_size``), as any value written into ``"lr"`` does. The
+        flat buffers are rebuilt around the new parameters (the existing moments are copied over). Everything is
+        validated before anything changes: a refused group leaves the optimizer as it was.
+        """
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ValueError("a param group must be a dict with a 'params' entry")
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": [params] if isinstance(params, Tensor) else list(params)}
+        if getattr(self, "_initialized", False):
+            self._add_group_later(param_group)
+        else:
+            self._append_group(param_group)
+
+    def _append_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group (defaults filled in, a parameter in two groups refused), tied weights once."""
         unique, seen = [], set()
-        for p in params:  # tied weights: count once
+        for p in param_group["params"]:  # tied weights: count once
             if id(p) not in seen:
                 seen.add(id(p))
                 unique.append(p)
@@ -345,6 +391,49 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             )
         param_group["params"] = unique
         super().add_param_group(param_group)
+
+    def _add_group_later(self, param_group: dict[str, Any]) -> None:
+        if any(b.sharded for b in self._buckets) or any(is_sharded(p) for p in param_group["params"]):
+            raise ValueError(
+                "add_param_group after construction is not supported under FSDP2: build the optimizer over every "
+                "parameter group (frozen parameters keep zero gradients)"
+            )
+        user_lr = param_group.pop("lr", None)
+        n, old_buckets = self.n_groups, self._buckets
+        moments = {p: {k: t.clone() for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
+        try:
+            self._append_group(param_group)
+            group = self.param_groups[n]
+            group.setdefault("step_size", self._new_group_step_size())
+            group.setdefault("max_step_size", None)
+            self._check_groups()
+            if user_lr is not None:
+                _finite_at_least(f'param group {n}\'s "lr" (read as the step-size cap max_step_size)', user_lr, 0.0)
+            self._buckets = self._build_buckets()  # re-points every parameter at new flat buffers
+        except BaseException:
+            del self.param_groups[n:]
+            self._buckets = old_buckets
+            for b in old_buckets:
+                b.rebind()
+            raise
+        self._group_offsets.append(self._step_count)
+        self._steps = checkpoint.step_tensor(self._steps.tolist() + [0])
+        self._bind_state()
+        self._copy_moments(moments)
+        group["lr"] = self._capped(n, float(group["step_size"]))
+        self._lr_written.append(group["lr"])
+        if user_lr is not None:
+            group["lr"] = float(user_lr)  # not written by the optimizer: the next step reads it as the cap
+        self._after_group_added()
+        self._dist_checked = False  # every rank must add the same group
+        self._sync_state()
+
+    def _new_group_step_size(self) -> float:
+        """The step size of a group added after construction: the search's current one (one global search)."""
+        return float(self.param_groups[0]["step_size"])
+
+    def _after_group_added(self) -> None:
+        """Subclasses: update their search state for the group just appended to ``param_groups``."""
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Subclasses raise ValueError for invalid hyperparameters of one group."""
@@ -397,15 +486,61 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return [FlatBucket(ps, gs, with_v, with_m, with_dm) for ps, gs in by_key.values()]
 
     def _bind_state(self) -> None:
-        """Expose per-parameter state as views into the flat buffers, like ``torch.optim.Adam``'s."""
+        """Expose per-parameter state like ``torch.optim.Adam``'s: ``step`` (the group's step count) and the moments
+        as views into the flat buffers."""
+        moments: dict[Tensor, dict[str, Tensor]] = {}
         for b in self._buckets:
             for i, p in enumerate(b.params):
-                st: dict[str, Tensor] = {}
+                st = moments[p] = {}
                 if b.m is not None:
                     st["exp_avg"] = b.views(b.m, i)
                 if b.v is not None:
                     st["exp_avg_sq"] = b.views(b.v, i)
-                self.state[p] = st
+        self.state.clear()
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                self.state[p] = {"step": self._steps[gi], **moments[p]}
+
+    def _copy_moments(self, moments: dict[Tensor, dict[str, Tensor]]) -> None:
+        """Write moments (per parameter, by name) into the flat buffers' views."""
+        for p, st in moments.items():
+            for key, t in st.items():
+                self.state[p][key].copy_(t)
+
+    def _search_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The optimizer-wide state as the state_dict carries it: plain values for every param group's
+        ``search_state``, and the tensors that go into the first parameter's state."""
+        extra = self._extra_state()
+        tensors = {k: v for k, v in extra.items() if isinstance(v, Tensor)}
+        plain = {
+            "optimizer": type(self).__name__,
+            "seed": self._seed,
+            "loss_scale": None if self._scaler is None else self._scaler["scale"],
+            "loss_scale_tracker": None if self._scaler is None else self._scaler["tracker"],
+            **{k: checkpoint.plain(v) for k, v in extra.items() if k not in tensors},
+        }
+        return plain, tensors
+
+    def _sync_state(self) -> None:
+        """Bring what ``param_groups`` and ``state`` show of the optimizer-wide state up to date (after
+        construction, a load or a new group): torch's DCP reads which keys exist from them."""
+        self._steps.copy_(checkpoint.step_tensor([self._step_count - k for k in self._group_offsets]))
+        self._sync_search_state()
+
+    def _sync_search_state(self) -> None:
+        plain, tensors = self._search_state()
+        for group in self.param_groups:
+            group["search_state"] = plain  # one fresh dict, shown by every group (state_dict() copies it)
+        if tensors:
+            self.state[self.param_groups[0]["params"][0]].update(tensors)
+
+    def _count_step(self) -> None:
+        """One more step for the optimizer and every group (a step that ended, accepted or not, or interrupted)."""
+        self._step_count += 1
+        self._steps.add_(1)  # one op for every group's step
+        # Only the loss scale and a subclass's own search state change from step to step.
+        if self._scaler is not None or type(self)._extra_state is not LineSearchOptimizer._extra_state:
+            self._sync_search_state()
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -421,7 +556,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             b1, b2 = group.get("betas", (0.0, 0.0))
             wd = group.get("weight_decay", 0.0)
             eta = self._capped(gi, group["step_size"])
-            rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**k, math.sqrt(1.0 - b2**k), 1.0 - wd * eta]
+            kg = k - self._group_offsets[gi]  # the group's own step (a group added later starts at 1)
+            rows += [b1, b2, group.get("eps", 0.0), 1.0 - b1**kg, math.sqrt(1.0 - b2**kg), 1.0 - wd * eta]
         return rows
 
     def _auto_pending(self) -> bool:
@@ -557,10 +693,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             lr = group.get("lr")
             written = self._lr_written[i] if i < len(self._lr_written) else None
             if lr is not written and lr != written:
-                if isinstance(lr, Tensor) and lr.numel() == 1:
-                    lr = lr.item()
-                _finite_at_least(f'param group {i}\'s "lr" (read as the step-size cap max_step_size)', lr, 0.0)
-                new[i] = float(lr)
+                new[i] = _lr_cap(f'param group {i}\'s "lr" (read as the step-size cap max_step_size)', lr)
         return new
 
     def _publish_lr(self) -> None:
@@ -654,7 +787,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
 
     def _signature(self) -> str:
         """Layout and hyperparameters every rank must agree on."""
-        groups = [{k: v for k, v in g.items() if k not in ("params", "step_size", "lr")} for g in self.param_groups]
+        state_keys = ("params", "step_size", "lr", "search_state")  # search_state: the seed differs between ranks
+        groups = [{k: v for k, v in g.items() if k not in state_keys} for g in self.param_groups]
         return repr((type(self).__name__, self._layout(), groups, self.armijo, self._step_count, self.max_grad_norm))
 
     def _check_ranks_agree(self) -> None:
@@ -663,13 +797,17 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if group is None:
             return
         mine = self._signature()
-        everyone: list[str] = [""] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
-        if any(sig != mine for sig in everyone):
+        everyone: list[tuple[str, int]] = [("", 0)] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (mine, self._seed), group=group)
+        if any(sig != mine for sig, _ in everyone):
             raise ValueError(
                 "ranks disagree on the optimizer's parameter layout or hyperparameters; every rank must build the "
                 f"same optimizer over the same model (this rank: {mine})"
             )
+        # One closure seed for every rank (rank 0's), as the state_dict holds one: a resumed run then draws the same
+        # random numbers on every rank as the run that saved it, whatever seeds the ranks started from.
+        self._seed = everyone[0][1]
+        self._sync_search_state()
 
     def _armijo(
         self,
@@ -1084,6 +1222,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 reason="overflow",
                 grad_norm=math.inf,
             )
+            self._sync_search_state()  # the lowered loss scale
             return loss.detach()
         for i, cap in caps.items():  # a scheduled (or hand-set) "lr" caps this step and the next ones
             self.param_groups[i]["max_step_size"] = cap
@@ -1110,7 +1249,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             with _sigint_deferred():
                 self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
             raise
-        self._step_count += 1
+        self._count_step()
         self.last_step = StepRecord(
             step=self._step_count,
             loss=f0,
@@ -1144,7 +1283,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for group, eta in zip(self.param_groups, step_sizes, strict=True):
             group["step_size"] = eta
         self._load_extra_state(extra)
-        self._step_count += 1
+        self._count_step()
         self.last_step = StepRecord(
             step=self._step_count,
             loss=f0,
@@ -1170,6 +1309,50 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self.deterministic_closure:
             self._captured = (self._step_count, [gen.get_state() for gen in self._generators()])
 
+    # ------------------------------------------------------------------ copy and pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and pickle carry: every attribute but the flat buffers and the backend's ops, which
+        ``__setstate__`` rebuilds around the (copied) parameters; the moments travel in ``state``. Hooks and an
+        attached recorder are not carried (torch's optimizers drop hooks too)."""
+        if any(b.sharded for b in self._buckets) or self._process_group is not None:
+            what = "over FSDP2 (DTensor) parameters" if self._process_group is None else "with a process_group"
+            raise TypeError(
+                f"{type(self).__name__} {what} cannot be copied or pickled: save and load its state_dict "
+                "(torch.distributed.checkpoint) instead"
+            )
+        skip = {"_buckets", "_ops", "_recorder", "_process_group"}
+        skip |= {k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")}
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        # Copies of the moments, not views: a view would carry its whole flat buffer with it (pickle writes a
+        # storage once per tensor).
+        state["state"] = {p: {k: t.clone() for k, t in st.items()} for p, st in self.state.items()}
+        return state
+
+    def __copy__(self) -> LineSearchOptimizer:
+        """A shallow copy shares everything with the original (flat buffers too), as a shallow copy of torch's
+        optimizers does: stepping either steps the same parameters."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state["defaults"]
+        super().__setstate__(state)  # torch: the attributes, empty hook dicts
+        if not had_differentiable:  # torch adds it; a group added later would then have a key the original lacks
+            self.defaults.pop("differentiable", None)
+        self._recorder = None
+        self._process_group = None
+        self._dist_checked = False
+        self._ops = resolve_backend(self.backend, self.param_groups[0]["params"][0].device)
+        # The parameters are new tensors (deepcopy clones each parameter on its own): lay them out in new flat
+        # buffers, then copy the moments in.
+        moments = {p: {k: t for k, t in st.items() if k in _MOMENTS} for p, st in self.state.items()}
+        self._buckets = self._build_buckets()
+        self._bind_state()
+        self._copy_moments(moments)
+        self._sync_state()
+
     # ------------------------------------------------------------------ state
 
     def _extra_state(self) -> dict[str, Any]:
@@ -1183,56 +1366,91 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return [[list(p.shape) for p in g["params"]] for g in self.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-exactly: moments (as copies), step sizes, counters, subclass state."""
-        index, state = 0, {}
-        ids = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                ids[id(p)] = index
-                index += 1
-        for p, st in self.state.items():
-            state[ids[id(p)]] = {k: v.detach().clone() for k, v in st.items()}
+        """Everything needed to resume bit-exactly, in torch's shape: ``state`` (per parameter ``step`` and the
+        moments, as copies) and ``param_groups`` (hyperparameters, step sizes and ``search_state``, the
+        optimizer-wide state as plain values); see :mod:`lsfused.optim.checkpoint`. Runs the state-dict hooks
+        registered with ``register_state_dict_pre_hook``/``register_state_dict_post_hook``, as torch does."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        plain, _ = self._search_state()  # the tensors are in the first parameter's state already
+        state: dict[int, dict[str, Tensor]] = {}
         groups = []
         for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = [ids[id(p)] for p in group["params"]]
+            packed = {k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", "search_state")}
+            packed["search_state"] = copy.deepcopy(plain)
+            packed["params"] = []
+            for p in group["params"]:
+                index = len(state)
+                state[index] = {
+                    k: checkpoint.export_tensor(p, v) if k in _MOMENTS else v.clone() for k, v in self.state[p].items()
+                }
+                packed["params"].append(index)
             groups.append(packed)
-        return {
-            "state": state,
-            "param_groups": groups,
-            "lsfused": {
-                "optimizer": type(self).__name__,
-                "version": _STATE_VERSION,
-                "layout": self._layout(),
-                "step": self._step_count,
-                "seed": self._seed,
-                "extra": self._extra_state(),
-                "lr_written": list(self._lr_written),
-                "loss_scale": None if self._scaler is None else dict(self._scaler),
-            },
-        }
+        state_dict = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` of the same optimizer class over the same parameter layout.
+        """Load a ``state_dict()`` of the same optimizer class over the same parameter layout (or one in the format
+        before this one, with its ``"lsfused"`` entry).
 
+        Parameters are matched by position, as torch does: the saved groups' ``params`` may be indices or the
+        fully qualified names that ``torch.distributed.checkpoint`` writes, and a moment may be a DTensor (FSDP2).
         Everything is validated before anything changes, with the same validators as the constructor: a value out
         of range (a NaN step size, a negative second moment, ``c=-1``), a missing or unknown key, or a layout
-        mismatch raises ValueError naming the key and the value.
+        mismatch raises ValueError naming the key and the value. Runs the load-state-dict hooks, as torch does.
         """
         name = type(self).__name__
         if not isinstance(state_dict, dict):
             raise ValueError(f"a state_dict must be a dict, got {type(state_dict).__name__}")
-        meta = state_dict.get("lsfused")
-        if not isinstance(meta, dict):
-            raise ValueError(f"not an lsfused state_dict (no 'lsfused' entry); cannot load it into {name}")
+        state_dict = dict(state_dict)  # a shallow copy, as torch's: hooks may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if checkpoint.V1_KEY in state_dict:
+            state_dict = self._upgraded(state_dict)
         missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}; cannot load it into {name}")
+        saved_groups, search = self._checked_groups(state_dict["param_groups"])
+        new_state, steps, tensors = self._checked_state(state_dict["state"], state_dict["param_groups"])
+        extra = {k: checkpoint.unplain(v) for k, v in search.items() if k not in _SEARCH_STATE_KEYS} | tensors
+        self._check_extra_state(extra, saved_groups)
+        # Validated: now commit.
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            group.update(saved)
+        self._copy_moments(new_state)
+        self._step_count = max(steps)
+        self._group_offsets = [self._step_count - k for k in steps]
+        self._seed = search["seed"]
+        if self._scaler is not None and search["loss_scale"] is not None:
+            self._scaler = {"scale": float(search["loss_scale"]), "tracker": int(search["loss_scale_tracker"])}
+        self._load_extra_state(extra)
+        # What this optimizer last wrote into "lr" (_publish_lr): a scheduler's value saved before a step read it
+        # differs from it, and still counts as new after loading.
+        self._lr_written = [self._capped(i, float(g["step_size"])) for i, g in enumerate(self.param_groups)]
+        self._dist_checked = False  # the ranks check again that they loaded the same
+        self._sync_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _upgraded(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state_dict of format version 1 (before ``search_state``), checked and converted."""
+        name = type(self).__name__
+        meta = state_dict[checkpoint.V1_KEY]
+        if not isinstance(meta, dict):
+            raise ValueError(f"not an lsfused state_dict ('lsfused' is not a dict); cannot load it into {name}")
         meta_keys = ("optimizer", "version", "layout", "step", "seed", "extra")
-        missing += [f"lsfused.{k}" for k in meta_keys if k not in meta]
+        missing = [f"lsfused.{k}" for k in meta_keys if k not in meta]
         if missing:
             raise ValueError(f"state_dict lacks {missing}; cannot load it into {name}")
         if meta["optimizer"] != name:
             raise ValueError(f"state_dict was saved by {meta['optimizer']!r}, cannot load it into {name}")
-        if meta["version"] != _STATE_VERSION:
+        if meta["version"] != 1:
             raise ValueError(f"unsupported lsfused state_dict version {meta['version']!r}")
         if meta["layout"] != self._layout():
             raise ValueError(
@@ -1240,80 +1458,111 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{meta['layout']} vs {self._layout()}"
             )
         _int_at_least("state_dict step", meta["step"], 0)
-        _int_at_least("state_dict seed", meta["seed"], 0)
-        saved_groups = self._checked_groups(state_dict["param_groups"])
-        new_state = self._checked_moments(state_dict["state"])
         if not isinstance(meta["extra"], dict):
             raise ValueError(f"state_dict entry lsfused.extra must be a dict, got {type(meta['extra']).__name__}")
-        self._check_extra_state(meta["extra"], saved_groups)
-        # Validated: now commit.
-        for group, saved in zip(self.param_groups, saved_groups, strict=True):
-            group.update(saved)
-        for p, st in new_state.items():
-            for key, t in st.items():
-                self.state[p][key].copy_(t)
-        self._step_count = meta["step"]
-        self._seed = meta["seed"]
-        self._load_extra_state(meta["extra"])
-        # What this optimizer last wrote into "lr": a scheduler's value saved before a step read it still counts as
-        # new after loading (state dicts without it: the saved "lr" is taken as written).
-        written = meta.get("lr_written")
-        ok = isinstance(written, list) and len(written) == len(self.param_groups)
-        self._lr_written = list(written) if ok else [g.get("lr") for g in self.param_groups]
-        if self._scaler is not None and isinstance(meta.get("loss_scale"), dict):
-            self._scaler = {"scale": float(meta["loss_scale"]["scale"]), "tracker": int(meta["loss_scale"]["tracker"])}
+        plain, tensors = self._search_state()
+        return checkpoint.from_v1(state_dict, set(plain) - _SEARCH_STATE_KEYS, set(tensors))
 
-    def _checked_groups(self, saved: Any) -> list[dict[str, Any]]:
-        """The saved param groups' hyperparameters (without ``params``), validated like the constructor's."""
+    def _checked_groups(self, saved: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The saved param groups' hyperparameters (without ``params`` and ``search_state``), validated like the
+        constructor's, and their (common) ``search_state`` with its base entries validated."""
+        name = type(self).__name__
         if not isinstance(saved, list) or len(saved) != len(self.param_groups):
             n = len(saved) if isinstance(saved, list) else type(saved).__name__
             raise ValueError(f"state_dict has {n} param groups, this optimizer has {len(self.param_groups)}")
-        out, index = [], 0
+        if not all(isinstance(entry, dict) for entry in saved):
+            bad = next(i for i, entry in enumerate(saved) if not isinstance(entry, dict))
+            raise ValueError(f"state_dict param group {bad} must be a dict, got {type(saved[bad]).__name__}")
+        if not all(isinstance(entry.get("search_state"), dict) for entry in saved):
+            raise ValueError(
+                f"not an lsfused state_dict (its param groups have no 'search_state'); cannot load it into {name}"
+            )
+        search = saved[0]["search_state"]
+        if search.get("optimizer") != name:
+            raise ValueError(f"state_dict was saved by {search.get('optimizer')!r}, cannot load it into {name}")
+        if any(entry["search_state"] != search for entry in saved):
+            raise ValueError("state_dict param groups disagree on search_state (it is the same in every group)")
+        out = []
         for i, (group, entry) in enumerate(zip(self.param_groups, saved, strict=True)):
-            if not isinstance(entry, dict):
-                raise ValueError(f"state_dict param group {i} must be a dict, got {type(entry).__name__}")
-            n = len(group["params"])
-            if entry.get("params") != list(range(index, index + n)):
-                raise ValueError(f"state_dict param group {i} lists params {entry.get('params')!r}, expected {n}")
-            index += n
-            keys, expected = set(entry) - {"params"}, set(group) - {"params"}
-            keys |= expected & {"lr", "max_step_size"}  # optional: state dicts from before the step-size cap
-            if keys != expected:
+            params, n = entry.get("params"), len(group["params"])
+            if not isinstance(params, (list, tuple)) or len(params) != n:
+                got = len(params) if isinstance(params, (list, tuple)) else repr(params)
                 raise ValueError(
-                    f"state_dict param group {i} has keys missing {sorted(expected - keys)} and unknown "
-                    f"{sorted(keys - expected)}"
+                    f"state_dict parameter layout does not match this {name}: param group {i} lists {got} "
+                    f"parameters, this optimizer's has {n}"
                 )
-            out.append({"max_step_size": None, **{k: v for k, v in entry.items() if k != "params"}})
+            keys = set(entry) - {"params", "search_state"}
+            expected = set(group) - {"params", "search_state"}
+            missing, unknown = expected - keys - _OPTIONAL_KEYS, keys - expected - _OPTIONAL_KEYS
+            if missing or unknown:
+                what = [f"missing {sorted(missing)}"] * bool(missing) + [f"unknown {sorted(unknown)}"] * bool(unknown)
+                raise ValueError(f"state_dict param group {i} has keys {' and '.join(what)}")
+            values = copy.deepcopy({k: entry[k] for k in keys})  # the optimizer's own, as torch's load makes them
+            if "lr" in values:
+                _lr_cap(f'state_dict param group {i}\'s "lr"', values["lr"])
+            out.append({"max_step_size": None, **values})
         try:
             self._check_values(out)
         except ValueError as err:
             raise ValueError(f"state_dict: {err}") from None
-        return out
+        expected = set(self._search_state()[0])
+        if set(search) != expected:
+            raise ValueError(
+                f"state_dict search_state lacks {sorted(expected - set(search))} and has unknown "
+                f"{sorted(set(search) - expected)}"
+            )
+        _int_at_least("state_dict seed", search["seed"], 0)
+        if search["loss_scale"] is not None:
+            _positive("state_dict loss_scale", search["loss_scale"])
+            _int_at_least("state_dict loss_scale_tracker", search["loss_scale_tracker"], 0)
+        return out, search
 
-    def _checked_moments(self, saved: Any) -> dict[Tensor, dict[str, Tensor]]:
-        """The saved moments per parameter: complete, of the right shape, finite (``exp_avg_sq`` also >= 0)."""
+    def _checked_state(
+        self, saved: Any, saved_groups: list[dict[str, Any]]
+    ) -> tuple[dict[Tensor, dict[str, Tensor]], list[int], dict[str, Tensor]]:
+        """The saved moments per parameter (complete, of the right shape, finite; ``exp_avg_sq`` also >= 0), the
+        step count of each param group, and the optimizer-wide tensors kept in the first parameter's state."""
         if not isinstance(saved, dict):
             raise ValueError(f"state_dict entry 'state' must be a dict, got {type(saved).__name__}")
-        params = [p for g in self.param_groups for p in g["params"]]
         local_shape = {id(p): b.shapes[i] for b in self._buckets for i, p in enumerate(b.params)}
-        expected_keys = set(next(iter(self.state.values())).keys()) if self.state else set()
-        new_state = {}
-        for i, p in enumerate(params):
-            st = saved.get(i, saved.get(str(i)))
-            if not isinstance(st, dict) or set(st) != expected_keys:
-                raise ValueError(
-                    f"state_dict has no complete state for parameter {i} (expected {sorted(expected_keys)})"
-                )
-            for key, t in st.items():
-                if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local_shape[id(p)]:
-                    raise ValueError(f"state_dict entry {key!r} of parameter {i} does not match its shape and dtype")
-                bad = ~torch.isfinite(t) | (t < 0) if key == "exp_avg_sq" else ~torch.isfinite(t)
-                if bool(bad.any()):
-                    value = t[bad].flatten()[0].item()
-                    what = "finite and >= 0" if key == "exp_avg_sq" else "finite"
-                    raise ValueError(f"state_dict entry {key!r} of parameter {i} must be {what}, holds {value!r}")
-            new_state[p] = st
-        return new_state
+        first = self.param_groups[0]["params"][0]
+        new_state, steps, tensors, i = {}, [], {}, 0
+        for gi, (group, entry) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            group_steps = set()
+            for p, key in zip(group["params"], entry["params"], strict=True):
+                expected = set(self.state[p])
+                st = saved.get(key, saved.get(str(key)))
+                if not isinstance(st, dict) or set(st) != expected:
+                    raise ValueError(
+                        f"state_dict has no complete state for parameter {i} (expected {sorted(expected)})"
+                    )
+                moments = {}
+                for name, t in st.items():
+                    t = checkpoint.local_tensor(t)
+                    if name == "step":
+                        group_steps.add(_step_value(t, i))
+                    elif p is first and name not in _MOMENTS:
+                        tensors[name] = t
+                    else:
+                        if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != local_shape[id(p)]:
+                            raise ValueError(
+                                f"state_dict entry {name!r} of parameter {i} does not match its shape (or is not "
+                                "floating point)"
+                            )
+                        bad = ~torch.isfinite(t) | (t < 0) if name == "exp_avg_sq" else ~torch.isfinite(t)
+                        if bool(bad.any()):
+                            value = t[bad].flatten()[0].item()
+                            what = "finite and >= 0" if name == "exp_avg_sq" else "finite"
+                            raise ValueError(
+                                f"state_dict entry {name!r} of parameter {i} must be {what}, holds {value!r}"
+                            )
+                        moments[name] = t
+                new_state[p] = moments
+                i += 1
+            if len(group_steps) > 1:
+                raise ValueError(f"state_dict param group {gi} holds different steps {sorted(group_steps)}")
+            steps.append(group_steps.pop())
+        return new_state, steps, tensors
 
     def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
         """Subclasses raise ValueError when their saved state cannot apply."""

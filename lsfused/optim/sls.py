@@ -250,26 +250,8 @@ class _ArmijoSLS(LineSearchOptimizer):
     def _before_trials(self, searched: list[int], step_sizes: dict[int, float], final_dir: str) -> None:
         """Set the components that are not searched before the trials (PLASLS ``trial_point``); default: w0."""
 
-    def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
-        comps = extra.get("components")
-        ok = isinstance(comps, list) and all(isinstance(c, list) and c for c in comps)
-        flat = sorted(i for comp in comps for i in comp) if ok else None
-        if flat != list(range(self.n_groups)):
-            raise ValueError(f"state_dict component layout {comps!r} does not cover this optimizer's groups")
-        _int_at_least("state_dict cursor", extra.get("cursor"), 0)
-        if extra["cursor"] >= len(comps):
-            raise ValueError(f"state_dict cursor {extra['cursor']} is past the last of {len(comps)} components")
-        for comp in comps:  # merged components share one step size
-            etas = {saved_groups[i]["step_size"] for i in comp}
-            if len(etas) > 1:
-                raise ValueError(f"state_dict component {comp} holds different step sizes {sorted(etas)}")
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"components": [list(c) for c in self.components], "cursor": self._cursor}
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.components = [list(c) for c in extra["components"]]
-        self._cursor = int(extra["cursor"])
+    def _after_group_added(self) -> None:
+        self.components = [list(range(self.n_groups))]  # one search over every group
 
 
 class SGDSLS(_ArmijoSLS):
@@ -612,6 +594,7 @@ class PLASLS(AdamSLS):
             loss_scale=loss_scale,
         )
         self.components = [[i] for i in range(self.n_groups)]
+        self._sync_state()
 
     def _full_search(self, step_index: int) -> bool:
         return step_index < self.full_search_steps or len(self.components) == 1
@@ -660,14 +643,26 @@ class PLASLS(AdamSLS):
         )
         return (s, s2)
 
-    def _extra_state(self) -> dict[str, Any]:
-        extra = super()._extra_state()
-        extra["generator"] = self._generator.get_state()
-        extra["merges"] = [dict(m) for m in self.merges]
-        return extra
+    def _new_group_step_size(self) -> float:
+        init = self.param_groups[-1]["init_step_size"]
+        return float(init) if init != "auto" else super()._new_group_step_size()
+
+    def _after_group_added(self) -> None:
+        self.components.append([self.n_groups - 1])  # a new component, searched in turn like the others
 
     def _check_extra_state(self, extra: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
-        super()._check_extra_state(extra, saved_groups)
+        comps = extra.get("components")
+        ok = isinstance(comps, list) and all(isinstance(c, list) and c for c in comps)
+        flat = sorted(i for comp in comps for i in comp) if ok else None
+        if flat != list(range(self.n_groups)):
+            raise ValueError(f"state_dict component layout {comps!r} does not cover this optimizer's groups")
+        _int_at_least("state_dict cursor", extra.get("cursor"), 0)
+        if extra["cursor"] >= len(comps):
+            raise ValueError(f"state_dict cursor {extra['cursor']} is past the last of {len(comps)} components")
+        for comp in comps:  # merged components share one step size
+            etas = {saved_groups[i]["step_size"] for i in comp}
+            if len(etas) > 1:
+                raise ValueError(f"state_dict component {comp} holds different step sizes {sorted(etas)}")
         try:
             torch.Generator().set_state(extra.get("generator"))
         except (TypeError, RuntimeError) as err:
@@ -676,7 +671,14 @@ class PLASLS(AdamSLS):
         if not (isinstance(merges, list) and all(isinstance(m, dict) for m in merges)):
             raise ValueError(f"state_dict entry 'merges' must be a list of dicts, got {merges!r}")
 
+    def _extra_state(self) -> dict[str, Any]:
+        extra = {"components": [list(c) for c in self.components], "cursor": self._cursor}
+        extra["generator"] = self._generator.get_state()
+        extra["merges"] = [dict(m) for m in self.merges]
+        return extra
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        super()._load_extra_state(extra)
+        self.components = [list(c) for c in extra["components"]]
+        self._cursor = int(extra["cursor"])
         self._generator.set_state(extra["generator"])
         self.merges = [dict(m) for m in extra["merges"]]
