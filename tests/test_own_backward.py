@@ -178,6 +178,40 @@ def test_watch_hooks_only_the_callers_grad_forward_and_can_be_removed():
         opt.watch(lambda x: x)
 
 
+def test_watched_model_copies_and_pickles_with_detached_hooks():
+    """The hooks hold the optimizer weakly: a watched model neither keeps it alive nor drags it into its copies,
+    whose forwards belong to no optimizer (not seeded) until watched again."""
+    import copy
+    import gc
+    import io
+    import weakref
+
+    model, closure = mlp_task()
+    opt = lsfused.AdamSLS(model.parameters())
+    opt.watch(model)
+    x = torch.randn(4, 20)
+    for twin in (copy.deepcopy(model), torch.load(_saved(model, io), weights_only=False)):
+        torch.manual_seed(3)
+        state = torch.get_rng_state()
+        twin(x)  # a detached hook neither seeds nor restores: the forward drew from the caller's generator
+        assert not torch.equal(torch.get_rng_state(), state)
+        assert opt._watch_stack == []
+    pair = copy.deepcopy((model, opt))  # the copied optimizer steps on its own, its copied model unwatched
+    pair[1].step(lambda: nn.functional.cross_entropy(pair[0](x), torch.zeros(4, dtype=torch.long)))
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    model(x)  # the hooks outlive their optimizer and do nothing
+
+
+def _saved(model, io):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 # ---------------------------------------------------------------------------------------------- accelerate
 
 

@@ -106,7 +106,7 @@ class LineSearchTrainer(Trainer):
             )
             kwargs["optimizers"] = (optimizers[0], None)
         # Refused before the Trainer builds its Accelerator, whose process-wide GradientState would keep the setting
-        # (and make lsfused refuse every later step, see base._refuse_accelerate_accumulation).
+        # (and make lsfused refuse every later step, see rng.refuse_accelerate_accumulation).
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if getattr(training_args, "gradient_accumulation_steps", 1) > 1:
             raise ValueError(

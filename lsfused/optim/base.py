@@ -6,7 +6,6 @@ import _signal
 import copy
 import math
 import signal
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket, is_sharded
-from lsfused.optim import checkpoint
+from lsfused.optim import checkpoint, rng
 from lsfused.optim.interpolation import Interpolator
 from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
@@ -128,17 +127,6 @@ def _backward_refused() -> Iterator[None]:
         torch.autograd.backward = original
 
 
-class _Handles:
-    """What ``watch()`` returns: ``remove()`` removes its hooks."""
-
-    def __init__(self, handles: list[Any]):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done, for the few passes that must not stop half way."""
@@ -219,22 +207,6 @@ def _cap_value(name: str, value: Any) -> None:
 _SCALER_INIT, _SCALER_GROWTH, _SCALER_BACKOFF, _SCALER_INTERVAL = 2.0**16, 2.0, 0.5, 2000
 #: added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
 _CLIP_EPS = 1e-6
-
-
-def _refuse_accelerate_accumulation() -> None:
-    """accelerate's gradient accumulation sums micro-batch gradients and steps once: a line search would compare the
-    losses of one micro-batch along the direction of another. Refused, as in the HF and Lightning integrations. The
-    setting lives in accelerate's process-wide ``GradientState``: the last ``Accelerator`` built decides."""
-    state = sys.modules.get("accelerate.state")
-    gradient_state = getattr(state, "GradientState", None)
-    if gradient_state is None or not gradient_state._shared_state:  # no Accelerator in this process
-        return
-    steps = gradient_state().num_steps
-    if steps > 1:
-        raise ValueError(
-            f"lsfused optimizers do not support accelerate's gradient_accumulation_steps={steps}: a line search "
-            "evaluates the loss of the batch whose gradient it follows; use a larger batch instead"
-        )
 
 
 def _refuse_nonfinite(f0: float) -> None:
@@ -917,30 +889,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _generators(self) -> list[torch.Generator]:
-        """The generators a step seeds and replays: the CPU one and those of the GPUs holding parameters (not every
-        GPU's: torch.manual_seed would seed the others without restoring them)."""
-        devices = sorted({b.device.index or 0 for b in self._buckets if b.device.type == "cuda"})
-        if devices:
-            torch.cuda.init()  # default_generators is filled in by CUDA's (lazy) initialisation
-        return [torch.default_generator] + [torch.cuda.default_generators[i] for i in devices]
+        return rng.generators([b.device for b in self._buckets])
 
-    @contextmanager
-    def _seeded(self, step: int, states: list[Tensor] | None = None) -> Iterator[None]:
+    def _seeded(self, step: int, states: list[Tensor] | None = None) -> Any:
         """The RNG state every closure call of step ``step`` runs under (``states``: generator states to replay, else
         the step's seed); the caller's state is restored after."""
-        seed = (self._seed + step) % (2**62)
-        generators = self._generators()
-        saved = [gen.get_state() for gen in generators]
-        try:
-            for i, gen in enumerate(generators):
-                if states is None:
-                    gen.manual_seed(seed)
-                else:
-                    gen.set_state(states[i])
-            yield
-        finally:
-            for gen, state in zip(generators, saved, strict=True):
-                gen.set_state(state)
+        return rng.seeded(self._generators(), (self._seed + step) % (2**62), states)
 
     @contextmanager
     def step_rng(self) -> Iterator[None]:
@@ -968,7 +922,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._in_closure = outer
         self._rng_step = step
 
-    def watch(self, module: torch.nn.Module) -> Any:
+    def watch(self, module: torch.nn.Module) -> rng.WatchHooks:
         """Make your own forward of ``module`` run under the random state of the step's trials, for
         ``step(closure, loss=loss)`` loops (custom loops, ``accelerator.backward``, GradScaler): call it once::
 
@@ -986,7 +940,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         evaluated under that state must equal your loss within rounding (one forward without grad, as before this
         existed); when it does not (``module`` called twice for one loss, random numbers drawn outside it), the step
         falls back (see :meth:`step`). Nested watched modules: the outermost one seeds. Returns a handle whose
-        ``remove()`` removes both hooks.
+        ``remove()`` removes both hooks. The hooks hold the optimizer weakly, and a copy or pickle of ``module``
+        carries them detached: call ``watch()`` again for the copy with its own optimizer.
 
         Why a hook that seeds the forward: measured with ``benchmarks/own_backward.py`` (MLP 20-64-5 with dropout
         0.5, 30 steps; ``step(closure)`` ends at step size 0.033 with 2.37 closure calls per step), comparing the
@@ -1000,24 +955,23 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"watch() takes the torch.nn.Module whose forward computes the loss, got {module!r}")
+        return rng.WatchHooks(self, module)
 
-        def enter(mod: torch.nn.Module, args: Any) -> None:
-            # Inside a step the closure already runs under the step's state: seed only the caller's own forward.
-            own = self.deterministic_closure and torch.is_grad_enabled() and not self._in_closure
-            context = None
-            if own and not any(c is not None for c in self._watch_stack):
-                context = self._seeded(self._step_count)
-                context.__enter__()
-                self._watched_step = self._step_count
-            self._watch_stack.append(context)
+    def _forward_starts(self) -> None:
+        """A watched forward starts: seed it when it is the caller's own (grad enabled, outside a step's closure
+        and ``step_rng()``) and no outer watched forward seeded already."""
+        own = self.deterministic_closure and torch.is_grad_enabled() and not self._in_closure
+        context = None
+        if own and not any(c is not None for c in self._watch_stack):
+            context = self._seeded(self._step_count)
+            context.__enter__()
+            self._watched_step = self._step_count
+        self._watch_stack.append(context)
 
-        def leave(mod: torch.nn.Module, args: Any, output: Any) -> None:
-            context = self._watch_stack.pop() if self._watch_stack else None
-            if context is not None:
-                context.__exit__(None, None, None)
-
-        handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
-        return _Handles(handles)
+    def _forward_ends(self) -> None:
+        context = self._watch_stack.pop() if self._watch_stack else None
+        if context is not None:
+            context.__exit__(None, None, None)
 
     def _replay_states(self) -> list[Tensor] | None:
         """For a ``loss=`` step: the generator states its closure calls replay. None (the step's seed) when the
@@ -1122,20 +1076,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             return
         self._warned_rng = True
         step = self._step_count
-        if self._watched_step == step:
-            fix = (
-                "the watched module's forward ran under the step's random state, yet the closure's loss differs: "
-                "is the module called more than once for this loss, or are random numbers drawn outside it? Compute "
-                "the loss inside `with opt.step_rng():`"
-            )
-        elif self._captured is not None and self._captured[0] == step:
-            fix = (
-                "random numbers were drawn between opt.zero_grad() and the forward (a sampler, an augmentation), or "
-                "the closure computes another loss than the one passed: call opt.watch(model) once before the loop "
-                "(its forward then runs under the step's random state)"
-            )
-        else:
-            fix = "call opt.watch(model) once before the loop (its forward then runs under the step's random state)"
+        captured = self._captured is not None and self._captured[0] == step
+        fix = rng.mismatch_fix(self._watched_step == step, captured)
         warnings.warn(
             f"{type(self).__name__}.step(closure, loss=loss): the closure's loss at the starting point under the "
             f"random state of the trials ({replayed!r}) differs from the loss passed ({given!r}), so the gradient "
@@ -1196,7 +1138,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         caps = self._new_caps()
         if not self._dist_checked:
             self._check_ranks_agree()
-        _refuse_accelerate_accumulation()
+        rng.refuse_accelerate_accumulation()
         given_loss = loss is not None
         run = self._runner(closure, self._replay_states() if given_loss else None)
         if given_loss:  # the caller's gradient is input: refused as such before a fallback could replace it
@@ -1307,7 +1249,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         for b in self._buckets:
             b.zero_grad()
         if self.deterministic_closure:
-            self._captured = (self._step_count, [gen.get_state() for gen in self._generators()])
+            self._captured = (self._step_count, rng.capture(self._generators()))
 
     # ------------------------------------------------------------------ copy and pickle
 
@@ -1321,7 +1263,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} {what} cannot be copied or pickled: save and load its state_dict "
                 "(torch.distributed.checkpoint) instead"
             )
-        skip = {"_buckets", "_ops", "_recorder", "_process_group"}
+        skip = {"_buckets", "_ops", "_recorder", "_process_group", "_watch_stack", "_in_closure"}
         skip |= {k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")}
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         # Copies of the moments, not views: a view would carry its whole flat buffer with it (pickle writes a
@@ -1344,6 +1286,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._recorder = None
         self._process_group = None
         self._dist_checked = False
+        self._watch_stack, self._in_closure = [], False
         self._ops = resolve_backend(self.backend, self.param_groups[0]["params"][0].device)
         # The parameters are new tensors (deepcopy clones each parameter on its own): lay them out in new flat
         # buffers, then copy the moments in.
