@@ -75,8 +75,11 @@ def _diagnose(args: argparse.Namespace) -> int:
             seed=args.seed,
             record_path=out / "diagnostics.jsonl",
             backtracking=args.backtracking,
+            skip_trials={"off": False, "on": True, "measure": "measure"}[args.skip_trials],
         ).rows
         title = f"{args.optimizer}, armijo={args.armijo}, backtracking={args.backtracking}, {args.epochs} epochs"
+        if args.skip_trials != "off":
+            title += f", skip_trials={args.skip_trials}"
     print(diagnostics.report(rows, out, title))
     print(f"wrote {out / 'diagnostics.png'} and {out / 'summary.txt'}")
     return 0
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--optimizer", default="plasls", help="plasls (one component per tensor), adamsls, sgdsls, salsa")
     d.add_argument("--armijo", choices=["noise_aware", "classic"], default="noise_aware")
     d.add_argument("--backtracking", choices=["geometric", "interpolate"], default="geometric")
+    d.add_argument(
+        "--skip-trials", choices=["off", "on", "measure"], default="off", help="skip_trials (measure: evaluate skipped)"
+    )
     d.add_argument("--epochs", type=int, default=5)
     d.add_argument("--model", choices=["mlp", "linear"], default="mlp", help="the digits model (default data)")
     d.add_argument("--script", help="a Python file defining setup() -> (model, batches, loss_fn)")

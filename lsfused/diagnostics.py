@@ -128,6 +128,9 @@ class Recorder:
             searched=list(record.searched),
             closure_calls=record.closure_calls,
             merged=list(record.merged) if record.merged else None,
+            trial_skipped=record.trial_skipped,
+            skip_rule=record.skip_rule,
+            skipped_trial_passed=record.skipped_trial_passed,
             components=[list(c) for c in getattr(opt, "components", [list(range(opt.n_groups))])],
         )
         self.rows.append(row)
@@ -236,6 +239,10 @@ def summarize(rows: list[dict[str, Any]], collapse_below: float = 1e-12, collaps
         "max_fp32_ulps": {"ulps": worst[0], "column": worst[1], "step": worst[2], "group": worst[3]},
         "merges": [{"step": r["step"], "components": r["merged"]} for r in rows if r["merged"]],
         "final_step_sizes": rows[-1]["step_sizes"],
+        # skip_trials: trials skipped, and of those measured (skip_trials="measure") the ones that would have failed
+        "skipped_trials": sum(bool(r.get("trial_skipped")) for r in rows),
+        "skipped_trials_measured": sum(r.get("skipped_trial_passed") is not None for r in rows),
+        "skipped_trials_failing": sum(r.get("skipped_trial_passed") is False for r in rows),
     }
 
 
@@ -249,6 +256,12 @@ def format_summary(summary: dict) -> str:
         f"({summary['accepted_within_noise_floor']} of them accepted)",
         f"trials whose update was fully absorbed by rounding: {summary['fully_absorbed_trials']}",
     ]
+    if summary.get("skipped_trials"):
+        measured = summary["skipped_trials_measured"]
+        line = f"skipped trials (skip_trials): {summary['skipped_trials']} of {summary['steps']} steps"
+        if measured:
+            line += f"; measured {measured}, of which {summary['skipped_trials_failing']} would have failed"
+        lines.append(line)
     worst = summary["max_fp32_ulps"]
     lines.append(
         f"largest fp32-vs-fp64 disagreement: {worst['ulps']:.3g} ulps ({worst['column']}, step {worst['step']}, "
@@ -281,6 +294,18 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     ax = axes[0]
     for gi in range(len(rows[0]["step_sizes"])):
         ax.plot(steps, [max(r["step_sizes"][gi], 1e-320) for r in rows], label=f"group {gi}")
+    skipped = [r for r in rows if r.get("trial_skipped")]
+    if skipped:  # skip_trials: where a trial was skipped (red: measured, it would have failed)
+        failing = [r.get("skipped_trial_passed") is False for r in skipped]
+        ax.scatter(
+            [r["step"] for r in skipped],
+            [max(min(r["step_sizes"]), 1e-320) for r in skipped],
+            c=["tab:red" if f else "0.4" for f in failing],
+            marker="|",
+            s=40,
+            label="trial skipped",
+            zorder=3,
+        )
     ax.set_yscale("log")
     ax.set_ylabel("step size")
     ax.legend(fontsize=7, ncol=4)
@@ -352,17 +377,18 @@ def _digits_setup(model_name: str, seed: int):
     return model, batches, nn.CrossEntropyLoss()
 
 
-def make_optimizer(name: str, model, armijo: str, backtracking: str = "geometric"):
+def make_optimizer(name: str, model, armijo: str, backtracking: str = "geometric", skip_trials: bool | str = False):
     import lsfused
 
     params = list(model.parameters())
+    options = dict(armijo=armijo, backtracking=backtracking, skip_trials=skip_trials)
     if name == "plasls":
         # one component per parameter tensor: the finest split, where collapses show first
-        return lsfused.PLASLS([[p] for p in params], armijo=armijo, backtracking=backtracking)
+        return lsfused.PLASLS([[p] for p in params], **options)
     classes = {"adamsls": lsfused.AdamSLS, "sgdsls": lsfused.SGDSLS, "salsa": lsfused.SaLSa}
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}; choose from plasls, adamsls, sgdsls, salsa")
-    return classes[name](params, armijo=armijo, backtracking=backtracking)
+    return classes[name](params, **options)
 
 
 @dataclass
@@ -387,13 +413,14 @@ def run(
     progress: bool = True,
     stop_at_first: str | None = None,
     backtracking: str = "geometric",
+    skip_trials: bool | str = False,
 ) -> DiagnoseRun:
     """Train with a recorder attached (the digits demo's data by default, fixed batch order).
 
     ``stop_at_first``: stop right after the first step with this outcome (e.g. ``"failed"``), to inspect it.
     """
     net, batches, loss_fn = _script_setup(script) if script else _digits_setup(model, seed)
-    opt = make_optimizer(optimizer, net, armijo, backtracking)
+    opt = make_optimizer(optimizer, net, armijo, backtracking, skip_trials)
     recorder = Recorder(opt, record_path)
     bar = None
     if progress:

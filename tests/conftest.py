@@ -39,6 +39,7 @@ def snapshot(model: nn.Module, opt) -> dict:
             out[f"s{i}.{k}"] = v.detach().clone()
     out["step_sizes"] = [g["step_size"] for g in opt.param_groups]
     out["step_count"] = opt._step_count
+    out["trial_skipping"] = opt._skipper.state()
     return out
 
 

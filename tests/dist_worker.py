@@ -40,6 +40,10 @@ def make_optimizer(name, model, params):
         return lsfused.PLASLS(lsfused.components.by_layers(model, 2), init_step_size=3.0)
     if name == "salsa":
         return lsfused.SaLSa(params)
+    if name == "adamsls_skip":  # every rank skips or tests together
+        return lsfused.AdamSLS(params, init_step_size=3.0, skip_trials=True)
+    if name == "salsa_skip":
+        return lsfused.SaLSa(params, skip_trials=True)
     raise ValueError(name)
 
 

@@ -58,7 +58,7 @@ def single_process(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamsls", "sgdsls", "plasls", "salsa"])
+@pytest.mark.parametrize("name", ["adamsls", "sgdsls", "plasls", "salsa", "adamsls_skip", "salsa_skip"])
 def test_ddp_ranks_stay_identical_and_match_single_process(tmp_path, name):
     r0, r1 = run_ranks(tmp_path, "ddp", name)
     assert r0["error"] is None and r1["error"] is None
@@ -69,9 +69,11 @@ def test_ddp_ranks_stay_identical_and_match_single_process(tmp_path, name):
         assert a == b  # same decisions, step sizes and (averaged) losses on every rank
     ref_records, ref_params = single_process(name)
     for a, b in zip(ref_records, r0["records"], strict=True):
-        assert (a.outcome, a.trials, a.searched) == (b.outcome, b.trials, b.searched)
+        assert (a.outcome, a.trials, a.searched, a.skip_rule) == (b.outcome, b.trials, b.searched, b.skip_rule)
         assert b.step_sizes == pytest.approx(a.step_sizes, rel=1e-6)
         assert b.loss == pytest.approx(a.loss, rel=1e-4)  # fp32 drift: averaged vs full-batch grads round apart
+    if name.endswith("_skip"):
+        assert sum(r.trial_skipped for r in r0["records"]) >= 3  # the ranks did skip, together
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3)  # DDP's averaged gradient: the local norm
     for a, b in zip(ref_params[-1], r0["params"][-1], strict=True):
         # Same decisions; the parameters drift apart only by fp32 rounding amplified over 20 steps.
@@ -127,7 +129,7 @@ def test_ranks_with_different_hyperparameters_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamsls", "plasls", "salsa", "adamsls_clip"])
+@pytest.mark.parametrize("name", ["adamsls", "plasls", "salsa", "adamsls_clip", "adamsls_skip"])
 def test_fsdp2_matches_single_process(tmp_path, name):
     r0, r1 = run_ranks(tmp_path, "fsdp", name)
     assert r0["error"] is None and r1["error"] is None

@@ -30,6 +30,7 @@ common = {
     "max_backtracks": st.integers(1, 12),
     "armijo": st.sampled_from(["noise_aware", "classic"]),
     "init_step_size": st.floats(1e-3, 50.0),
+    "skip_trials": st.sampled_from([False, True, "measure"]),
 }
 armijo_sls = {
     **common,
@@ -161,6 +162,11 @@ def own_backward(model, opt, closure, variant):
             handle.remove()
 
 
+def measured(opt):
+    """1 when the last step evaluated its skipped trial (skip_trials="measure"): a closure call beyond its trials."""
+    return int(opt.last_step.skipped_trial_passed is not None)
+
+
 def apply(name, hp, model, opt, action):
     kind = action[0]
     before = snapshot(model, opt)
@@ -185,12 +191,13 @@ def apply(name, hp, model, opt, action):
         assert_same(snapshot(twin_model, twin), snapshot(model, opt))
         # the check's forward, and the fallback's when dropout makes the unmatched loss differ
         extra = {"watch": 1, "step_rng": 0, "unmatched": 2 if dropout_of(model) else 1}[action[2]]
+        extra += measured(opt)
         assert opt.last_step == dataclasses.replace(twin.last_step, closure_calls=opt.last_step.trials + extra)
     elif kind == "own_capture":
         # zero_grad()'s capture replayed: it matches unless a random draw came between (then one fallback).
         own_backward(model, opt, scripted(model, action[1]), "noise" if action[2] else "capture")
         fell_back = action[2] and dropout_of(model) > 0
-        assert opt.last_step.closure_calls == opt.last_step.trials + (2 if fell_back else 1)
+        assert opt.last_step.closure_calls == opt.last_step.trials + (2 if fell_back else 1) + measured(opt)
         assert opt.last_step.outcome != "interrupted"
     elif kind == "raise":
         call, what = action[1], action[2]
@@ -209,6 +216,7 @@ def apply(name, hp, model, opt, action):
                 params = {k: v * scale if scale != 1.0 else v for k, v in before.items() if k.startswith("p")}
                 assert_same(params, {k: v for k, v in snapshot(model, opt).items() if k.startswith("p")})
                 assert [g["step_size"] for g in opt.param_groups] == before["step_sizes"]
+                assert opt._skipper.state() == before["trial_skipping"]
                 assert opt.last_step.outcome == "interrupted"
                 assert opt._step_count == before["step_count"] + 1
         else:

@@ -98,3 +98,14 @@ register(
     "adamsls-interpolate", lambda model, ctx: (lsfused.AdamSLS(model.parameters(), backtracking="interpolate"), None)
 )
 register("salsa-interpolate", lambda model, ctx: (lsfused.SaLSa(model.parameters(), backtracking="interpolate"), None))
+# Skipping predictable trials (issue 25; docs/skip_trials.md), at the defaults and with interpolation.
+for _name, _cls in (("adamsls", lsfused.AdamSLS), ("salsa", lsfused.SaLSa)):
+    for _suffix, _kwargs in (("", {}), ("-interpolate", {"backtracking": "interpolate"})):
+        for _tag, _mode in (("skip", True), ("skip-measure", "measure")):
+            register(
+                f"{_name}{_suffix}-{_tag}",
+                lambda model, ctx, cls=_cls, kw=_kwargs, mode=_mode: (
+                    cls(model.parameters(), skip_trials=mode, **kw),
+                    None,
+                ),
+            )

@@ -21,6 +21,8 @@ from lsfused.backends import resolve as resolve_backend
 from lsfused.flat import FlatBucket, is_sharded
 from lsfused.optim import checkpoint, rng
 from lsfused.optim.interpolation import Interpolator
+from lsfused.optim.skipping import MODES as SKIP_MODES
+from lsfused.optim.skipping import SETTLED_TRIALS, TrialSkipper
 from lsfused.reference import MODE_ADAM, NORM_COLUMNS
 
 Closure = Callable[[], Tensor]
@@ -55,6 +57,12 @@ class StepRecord:
             ``"overflow"`` (dynamic loss scaling found inf/NaN gradients: nothing changed but the scale) or ``"cap"``
             (a step-size cap of 0, e.g. a warm-up's first step); else None.
         grad_norm: global L2 norm of the gradient (float64, unscaled, before clipping), or None.
+        trial_skipped: ``skip_trials``: the search accepted its first step size without evaluating the trial.
+        skip_rule: ``skip_trials``, on a step whose search ran: ``"skip"`` (skipped), or why its trials were
+            evaluated: ``"unproven"`` (fewer tested steps passing in a row than the rule asks) or ``"due"`` (the
+            most steps in a row have skipped); None otherwise (see ``lsfused.optim.skipping``).
+        skipped_trial_passed: ``skip_trials="measure"``: whether the skipped trial, evaluated anyway, passes the
+            acceptance test (False: the rule missed a failure), else None.
     """
 
     step: int
@@ -68,6 +76,9 @@ class StepRecord:
     merged: tuple[int, int] | None = None
     reason: str | None = None
     grad_norm: float | None = None
+    trial_skipped: bool = False
+    skip_rule: str | None = None
+    skipped_trial_passed: bool | None = None
 
 
 @dataclass
@@ -221,7 +232,7 @@ _OPTIONAL_KEYS |= {"base_momentum", "swa_lr"}
 #: the per-parameter state that lives in the flat buffers
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 #: the entries of every optimizer's search_state; the rest is the subclass's ``_extra_state``
-_SEARCH_STATE_KEYS = {"optimizer", "seed", "loss_scale", "loss_scale_tracker"}
+_SEARCH_STATE_KEYS = {"optimizer", "seed", "loss_scale", "loss_scale_tracker", "trial_skipping"}
 
 
 def _lr_cap(name: str, lr: Any) -> float:
@@ -273,15 +284,24 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
         max_grad_norm: float | None = None,
         loss_scale: str | float | None = None,
+        skip_trials: bool | str = False,
     ):
         _boolean("deterministic_closure", deterministic_closure)
         _choice("armijo", armijo, ARMIJO_TESTS)
+        if not any(skip_trials is mode or skip_trials == mode and isinstance(mode, str) for mode in SKIP_MODES):
+            raise ValueError(f"skip_trials must be False, True or 'measure', got {skip_trials!r}")
         _boolean("estimate_noise", estimate_noise)
         if max_grad_norm is not None:
             _positive("max_grad_norm", max_grad_norm)
         if not (loss_scale is None or loss_scale == "dynamic"):
             _positive('loss_scale (None, "dynamic" or a positive number)', loss_scale)
         self.armijo = armijo
+        self.skip_trials = skip_trials
+        self._skipper = TrialSkipper()
+        # this step's skip plan (see skipping.TrialSkipper.plan; None: skip_trials off) and what its search's first
+        # trial did: ("skip", passed when measured) or ("tested", passed)
+        self._skip_plan: str | None = None
+        self._skip_event: tuple[str, bool | None] | None = None
         self.estimate_noise = estimate_noise
         self.max_grad_norm = max_grad_norm
         self.loss_scale = loss_scale
@@ -491,6 +511,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             "loss_scale_tracker": None if self._scaler is None else self._scaler["tracker"],
             **{k: checkpoint.plain(v) for k, v in extra.items() if k not in tensors},
         }
+        if self.skip_trials:
+            plain["trial_skipping"] = self._skipper.state()
         return plain, tensors
 
     def _sync_state(self) -> None:
@@ -511,7 +533,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         self._step_count += 1
         self._steps.add_(1)  # one op for every group's step
         # Only the loss scale and a subclass's own search state change from step to step.
-        if self._scaler is not None or type(self)._extra_state is not LineSearchOptimizer._extra_state:
+        own_state = type(self)._extra_state is not LineSearchOptimizer._extra_state
+        if self._scaler is not None or self.skip_trials or own_state:
             self._sync_search_state()
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -652,7 +675,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         When the cap (not a rejection) limited an accepted first trial, the search's step size is not shrunk to the
         cap (it would never grow back under a warm-up): it stays ``max(eta_prev, start)``. Otherwise it is what the
         search found (``result.eta``)."""
-        if start < uncapped and result.outcome == "accepted" and result.trials == 1:
+        if start < uncapped and result.outcome == "accepted" and result.trials <= 1:  # 0: a skipped first trial
             return max(eta_prev, start)
         return result.eta
 
@@ -761,7 +784,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         """Layout and hyperparameters every rank must agree on."""
         state_keys = ("params", "step_size", "lr", "search_state")  # search_state: the seed differs between ranks
         groups = [{k: v for k, v in g.items() if k not in state_keys} for g in self.param_groups]
-        return repr((type(self).__name__, self._layout(), groups, self.armijo, self._step_count, self.max_grad_norm))
+        options = (self.armijo, self.max_grad_norm, self.skip_trials)
+        return repr((type(self).__name__, self._layout(), groups, options, self._step_count))
 
     def _check_ranks_agree(self) -> None:
         group = self._group()
@@ -796,6 +820,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         slope: float | None = None,
         first_rule: str = "grow",
         line: tuple[float, float] | None = None,
+        may_skip: bool = False,
     ) -> SearchResult:
         """Backtracking: trial ``w = w0 + eta*dir`` on ``groups`` (``eta*scale[g]`` when ``scale`` is given) until
         ``decrease(eta, f_trial)`` holds.
@@ -808,11 +833,23 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         smoothed test). ``first_rule`` names where ``eta0`` came from, for the recorder.
         A non-finite trial loss is a rejected trial. On failure ``eta`` is the last value tried. With
         ``armijo="noise_aware"`` a rejected trial that cannot be judged (``_unresolvable``) ends the search without
-        shrinking eta further.
+        shrinking eta further. ``may_skip``: this is a step's search, whose first trial ``skip_trials`` may skip
+        (``lsfused.optim.skipping``).
         """
+        k, offset = line or (predicted(1.0), 0.0)
+        if may_skip and self._skip_plan == "skip":
+            points, passed = {g: eta0 * (scale[g] if scale else 1.0) for g in groups}, None
+            if self.skip_trials == "measure":  # evaluated, and only recorded: the decisions are skip_trials=True's
+                self._apply(points, direction)
+                ft = self._call(run, "at a skipped trial (measured)")[1]
+                passed = TrialSkipper.passes(f0, ft, eta0, k, offset, margin=0.0)  # the acceptance test
+            elif self._pending is None or self._pending[1] == direction:
+                self._apply(points, direction)  # else Pass A wrote the step's final point, which the caller applies
+            self._skip_event = ("skip", passed)
+            return SearchResult("accepted", eta0, 0, None)
         interp = None
         if self.param_groups[0].get("backtracking", "geometric") == "interpolate" and slope is not None:
-            interp = Interpolator(f0, slope, *(line or (predicted(1.0), 0.0)), shrink=shrink)
+            interp = Interpolator(f0, slope, k, offset, shrink=shrink)
         eta, ft, unchanged, first_unchanged_eta, rule = eta0, None, 0, eta0, first_rule
         for t in range(1, max_trials + 1):
             self._apply({g: eta * (scale[g] if scale else 1.0) for g in groups}, direction)
@@ -830,6 +867,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
                 reason = self._unresolvable(f0, ft, predicted(eta), groups, direction, unchanged >= 2)
             if self._recorder is not None:
                 self._recorder.trial(self, f0, ft, eta, predicted(eta), ok, groups, direction, scale, rule=rule)
+            if may_skip and self._skip_plan is not None:  # a tested search: did it pass the rule's test (so far)?
+                self._skip_event = (
+                    "tested",
+                    ok and t <= SETTLED_TRIALS and TrialSkipper.passes(f0, ft, eta, k, offset),
+                )
             if ok:
                 return SearchResult("accepted", eta, t, ft)
             if reason is not None:
@@ -1175,8 +1217,10 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             repeat = self._call(run, "at the starting point (noise estimate)")[1]
             self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
         # From here on the state changes: whatever raises ends the step as "interrupted" (see the docstring).
-        before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state())
+        before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state(), self._skipper.state())
         pass_a_done, calls_before = False, self._calls[0]
+        self._skip_plan = self._skipper.plan() if self.skip_trials else None
+        self._skip_event = None
         try:
             with _sigint_deferred():  # Pass A updates the moments in place: never leave it half done
                 sums = self._pass_a()
@@ -1187,6 +1231,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             result, searched, merged = self._search(run, f0, sums)
             if self._pending is not None:  # a search that never moved w assumed it at w0: not at Pass A's trial
                 self._restore()
+            skipped, passed = self._skip_event or (None, None)
+            if skipped == "skip":
+                self._skipper.skipped()
+            elif skipped == "tested":
+                self._skipper.tested(bool(passed))
         except BaseException as err:
             with _sigint_deferred():
                 self._interrupted(before, pass_a_done, f0, self._calls[0] - calls_before, err)
@@ -1204,6 +1253,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             merged=merged,
             reason=result.reason,
             grad_norm=grad_norm,
+            trial_skipped=skipped == "skip",
+            skip_rule=self._skip_plan if skipped else None,
+            skipped_trial_passed=passed if skipped == "skip" else None,
         )
         self._publish_lr()
         if given_loss:
@@ -1213,7 +1265,12 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         return loss.detach()
 
     def _interrupted(
-        self, before: tuple[tuple[float, ...], dict[str, Any]], pass_a_done: bool, f0: float, trials: int, err
+        self,
+        before: tuple[tuple[float, ...], dict[str, Any], dict[str, int]],
+        pass_a_done: bool,
+        f0: float,
+        trials: int,
+        err,
     ) -> None:
         """End a step that raised after Pass A started: parameters back at ``w0``, step sizes and line-search state
         as before the step, moments (already updated by Pass A) kept, the step counted and recorded."""
@@ -1221,10 +1278,11 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         # on leaving it); a Pass A that raised restored what it wrote itself.
         if pass_a_done or self._pending is not None:
             self._restore()
-        step_sizes, extra = before
+        step_sizes, extra, skipping = before
         for group, eta in zip(self.param_groups, step_sizes, strict=True):
             group["step_size"] = eta
         self._load_extra_state(extra)
+        self._skipper.load(skipping)
         self._count_step()
         self.last_step = StepRecord(
             step=self._step_count,
@@ -1373,6 +1431,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if self._scaler is not None and search["loss_scale"] is not None:
             self._scaler = {"scale": float(search["loss_scale"]), "tracker": int(search["loss_scale_tracker"])}
         self._load_extra_state(extra)
+        self._skipper = TrialSkipper()
+        if "trial_skipping" in search:
+            self._skipper.load(search["trial_skipping"])
         # What this optimizer last wrote into "lr" (_publish_lr): a scheduler's value saved before a step read it
         # differs from it, and still counts as new after loading.
         self._lr_written = [self._capped(i, float(g["step_size"])) for i, g in enumerate(self.param_groups)]
@@ -1448,8 +1509,9 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             self._check_values(out)
         except ValueError as err:
             raise ValueError(f"state_dict: {err}") from None
-        expected = set(self._search_state()[0])
-        if set(search) != expected:
+        # trial_skipping may be there or not: a checkpoint of a run with or without skip_trials loads either way.
+        expected = set(self._search_state()[0]) - {"trial_skipping"}
+        if set(search) - {"trial_skipping"} != expected:
             raise ValueError(
                 f"state_dict search_state lacks {sorted(expected - set(search))} and has unknown "
                 f"{sorted(set(search) - expected)}"
@@ -1458,6 +1520,8 @@ class LineSearchOptimizer(torch.optim.Optimizer):
         if search["loss_scale"] is not None:
             _positive("state_dict loss_scale", search["loss_scale"])
             _int_at_least("state_dict loss_scale_tracker", search["loss_scale_tracker"], 0)
+        if "trial_skipping" in search:
+            TrialSkipper.check(search["trial_skipping"])
         return out, search
 
     def _checked_state(

@@ -97,8 +97,11 @@ class SaLSa(LineSearchOptimizer):
             ``a*D_prev + (1-a)*(f(w0) - phi(eta)) >= c*eta*G``. The acceptance test stays the smoothed one, and a
             failed search still ends at ``shrink`` times the last trial.
         armijo (str, default "noise_aware"), estimate_noise (bool, default False), process_group (default None),
-        max_grad_norm (float, optional), loss_scale (optional): as in :class:`lsfused.SGDSLS`, which also
-            describes ``"lr"`` and the step-size cap (all groups share one step size: the smallest cap applies).
+        max_grad_norm (float, optional), loss_scale (optional), skip_trials (default False): as in
+            :class:`lsfused.SGDSLS`, which also describes ``"lr"`` and the step-size cap (all groups share one step
+            size: the smallest cap applies). ``skip_trials`` acts on the steps whose search runs (the speed-up
+            rule's skips are not searches); a skipped trial is accepted as a first trial passing without an
+            observed decrease (``D`` unchanged).
     """
 
     _mode = MODE_ADAM
@@ -137,6 +140,7 @@ class SaLSa(LineSearchOptimizer):
         backtracking: str = "geometric",
         max_grad_norm: float | None = None,
         loss_scale: str | float | None = None,
+        skip_trials: bool | str = False,
     ):
         _choice("bias_correction", bias_correction, _BIAS_CORRECTIONS)
         self.bias_correction = bias_correction
@@ -166,6 +170,7 @@ class SaLSa(LineSearchOptimizer):
             process_group=process_group,
             max_grad_norm=max_grad_norm,
             loss_scale=loss_scale,
+            skip_trials=skip_trials,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -199,10 +204,14 @@ class SaLSa(LineSearchOptimizer):
         needed = min(10.0, 1.0 / ((r - 1.0) + 1e-8))
         return not g0["speed_up"] or self._step_count + 1 <= 10 or since_search >= needed
 
-    def _grown_step_size(self) -> float:
+    def _growth(self, search: bool) -> float:
+        """``growth``; 1 on a step whose search skips its trial (``skip_trials``: it holds the step size)."""
+        return 1.0 if search and self._skip_plan == "skip" else self.param_groups[0]["growth"]
+
+    def _grown_step_size(self, search: bool) -> float:
         """This step's first step size, ``growth * eta_prev`` under every group's cap."""
-        g0 = self.param_groups[0]
-        return min(self._capped(i, g0["step_size"] * g0["growth"]) for i in range(self.n_groups))
+        eta = self.param_groups[0]["step_size"] * self._growth(search)
+        return min(self._capped(i, eta) for i in range(self.n_groups))
 
     def _first_trial(self) -> tuple[dict[int, float], str] | None:
         """``eta0 = growth * eta_prev`` (under the caps) on every group, for Pass A to write: along the search
@@ -212,8 +221,8 @@ class SaLSa(LineSearchOptimizer):
         if self._auto_pending():
             return None
         g0 = self.param_groups[0]
-        eta0 = self._grown_step_size()
         search = self._speed_up_search(self._smoothed["since_search"] + 1)
+        eta0 = self._grown_step_size(search)
         direction = "dm" if not search or g0["use_momentum_direction"] else "d"
         return dict.fromkeys(range(self.n_groups), eta0), direction
 
@@ -222,11 +231,11 @@ class SaLSa(LineSearchOptimizer):
         a = g0["smoothing"]
         first_rule = "init" if self._step_count == 0 else "grow"
         eta_prev = g0["step_size"]
-        uncapped = eta_prev * g0["growth"]
-        eta0 = self._grown_step_size()
         st["since_search"] += 1
         groups = tuple(range(self.n_groups))
         search = self._speed_up_search(st["since_search"])
+        uncapped = eta_prev * self._growth(search)
+        eta0 = self._grown_step_size(search)
         if search:
             st["since_search"] = 0
             # s = -g·d for the chosen direction: sum(g*g*P), or sum(g*m_hat*P) = -g·dm
@@ -280,6 +289,7 @@ class SaLSa(LineSearchOptimizer):
             slope=slope,
             first_rule=first_rule,
             line=(c * G / (1.0 - a), a * D_prev / (1.0 - a)),  # the smoothed test as f0 - ft >= k*eta - offset
+            may_skip=not auto,
         )
         if accepted_D:
             st["D"] = accepted_D[-1]
