@@ -324,8 +324,8 @@ class SGDSLS(_ArmijoSLS):
             unchanged) and the scale halved; the scale is part of ``state_dict()`` (``opt.loss_scale_value``).
         skip_trials (bool or "measure", default False): accept a step's first step size without evaluating its
             trial when the recent tested steps predict that it passes (one closure call for such a step instead of
-            two or more): after 2 tested steps in a row whose first trial passed, up to 3 steps in a row skip, and
-            any rejected trial brings back a test on every step. ``"measure"`` takes the same decisions and also
+            two or more): after 2 tested steps in a row whose search accepted within two trials, up to 3 steps in a row
+            skip, holding the step size, and a search that needs more brings back a test on every step. ``"measure"`` takes the same decisions and also
             evaluates each skipped trial, to record whether it would have passed (``last_step``). The rule, its
             measured error rate and cost: ``lsfused.optim.skipping`` and docs/skip_trials.md.
 
