@@ -131,6 +131,7 @@ class Recorder:
             trial_skipped=record.trial_skipped,
             skip_rule=record.skip_rule,
             skipped_trial_passed=record.skipped_trial_passed,
+            trial_loss=None if record.trial_loss is None else _finite(record.trial_loss),
             components=[list(c) for c in getattr(opt, "components", [list(range(opt.n_groups))])],
         )
         self.rows.append(row)

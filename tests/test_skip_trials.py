@@ -123,6 +123,7 @@ def test_measured_outcome_is_the_acceptance_test_at_the_skipped_point():
         s = math.fsum(float((g.double() ** 2).sum()) for g in grads)
         f0 = float(loss.detach())
         assert r.skipped_trial_passed == (f0 - ft >= 0.5 * eta * s)
+        assert r.trial_loss == ft  # the measured loss is recorded
     assert seen
 
 

@@ -40,7 +40,8 @@ class StepRecord:
     Attributes:
         step: 1-based index of the step.
         loss: float64 copy of the loss at the starting point ``w0``.
-        trial_loss: loss at the last trial evaluated (the accepted one when ``outcome == "accepted"``), or None.
+        trial_loss: loss at the last trial evaluated (the accepted one when ``outcome == "accepted"``; a skipped trial
+            evaluated by ``skip_trials="measure"``), or None.
         step_sizes: step size of every param group after the step (PLASLS: merged components share one value).
         searched: indices of the param groups whose step size was line-searched in this step.
         trials: number of trial points evaluated.
@@ -846,7 +847,7 @@ class LineSearchOptimizer(torch.optim.Optimizer):
             elif self._pending is None or self._pending[1] == direction:
                 self._apply(points, direction)  # else Pass A wrote the step's final point, which the caller applies
             self._skip_event = ("skip", passed)
-            return SearchResult("accepted", eta0, 0, None)
+            return SearchResult("accepted", eta0, 0, None if passed is None else ft)
         interp = None
         if self.param_groups[0].get("backtracking", "geometric") == "interpolate" and slope is not None:
             interp = Interpolator(f0, slope, k, offset, shrink=shrink)

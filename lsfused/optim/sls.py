@@ -322,12 +322,13 @@ class SGDSLS(_ArmijoSLS):
             rules: initial scale 2**16, halved on overflow, doubled after 2000 clean steps) a step whose gradient
             has inf/NaN entries is skipped (outcome ``"skipped"``, reason ``"overflow"``: parameters and moments
             unchanged) and the scale halved; the scale is part of ``state_dict()`` (``opt.loss_scale_value``).
-        skip_trials (bool or "measure", default False): accept a step's first step size without evaluating its
-            trial when the recent tested steps predict that it passes (one closure call for such a step instead of
-            two or more): after 2 tested steps in a row whose search accepted within two trials, up to 3 steps in a row
-            skip, holding the step size, and a search that needs more brings back a test on every step. ``"measure"`` takes the same decisions and also
-            evaluates each skipped trial, to record whether it would have passed (``last_step``). The rule, its
-            measured error rate and cost: ``lsfused.optim.skipping`` and docs/skip_trials.md.
+        skip_trials (bool or "measure", default False): accept a step's step size without evaluating its trial
+            when the recent tested steps predict that it passes (one closure call for such a step instead of two or
+            more): after 2 tested steps in a row whose search accepted within two trials, up to 3 steps in a row
+            skip, holding the step size, and a search that needs more brings back a test on every step.
+            ``"measure"`` takes the same decisions and also evaluates each skipped trial, to record whether it would
+            have passed (``last_step``). The rule, its measured error rate and cost: ``lsfused.optim.skipping`` and
+            docs/skip_trials.md.
 
     Step-size cap and ``"lr"``: every param group has ``"lr"``, equal after each step (and at construction) to
     ``min(step_size, max_step_size)``, the step size the next search starts from before its growth. A value written
