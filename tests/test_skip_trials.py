@@ -7,6 +7,7 @@ the update a skipped step must make, ``w0 + eta * d`` from the gradient, compute
 
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -249,3 +250,19 @@ def test_measured_outcome_is_salsas_smoothed_test():
         eta, big_g = r.step_sizes[0], opt._smoothed["G"]
         assert r.skipped_trial_passed == (a * d_prev + (1 - a) * (r.loss - ft) >= c * eta * big_g)
     assert seen
+
+
+def test_diagnose_cli_reports_skipped_trials(tmp_path, capsys):
+    from lsfused import cli
+
+    out = tmp_path / "report"
+    args = ["diagnose", "--optimizer", "adamsls", "--epochs", "1", "--skip-trials", "measure", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["trial_skipped"]]
+    assert skipped and all(r["skipped_trial_passed"] is not None for r in skipped)
+    summary = (out / "summary.txt").read_text()
+    failing = sum(not r["skipped_trial_passed"] for r in skipped)
+    assert f"skipped trials (skip_trials): {len(skipped)} of {len(rows)} steps" in summary
+    assert f"of which {failing} would have failed" in summary
+    assert "skipped trials (skip_trials)" in capsys.readouterr().out
