@@ -96,7 +96,32 @@ def refuse_accelerate_accumulation() -> None:
         )
 
 
-def mismatch_fix(watched: bool, captured: bool) -> str:
+def replay_states(
+    step: int, vouched_step: int, watched_step: int, captured: tuple[int, list[Tensor]] | None
+) -> list[Tensor] | None:
+    """For a ``loss=`` step: the generator states its closure calls replay. None (the step's seed) when the caller's
+    forward ran under it (``step_rng`` vouched for ``vouched_step``, a ``watch`` hook seeded ``watched_step``) or
+    when ``zero_grad()`` captured nothing for this step; else the states ``zero_grad()`` saw (``captured``), which
+    the caller's forward started from unless something drew random numbers in between (the step checks that)."""
+    if vouched_step == step or watched_step == step or captured is None:
+        return None
+    captured_step, states = captured
+    return states if captured_step == step else None
+
+
+def mismatch_warning(name: str, given: float, replayed: float, watched: bool, captured: bool) -> str:
+    """The caller's loss could not be matched, so this step (and each such step) runs its own forward and backward:
+    say so, naming the cheap fix for the loop at hand (``watched``: a ``watch`` hook seeded the forward;
+    ``captured``: ``zero_grad()`` saw the state replayed)."""
+    return (
+        f"{name}.step(closure, loss=loss): the closure's loss at the starting point under the random state of the "
+        f"trials ({replayed!r}) differs from the loss passed ({given!r}), so the gradient does not belong to the "
+        "losses the search compares (dropout masks). This step, and every such step, falls back to one more forward "
+        f"and backward of the closure. Cheap fix: {_fix(watched, captured)}"
+    )
+
+
+def _fix(watched: bool, captured: bool) -> str:
     """The cheap fix to name when the caller's loss could not be matched, for the loop at hand."""
     if watched:
         return (

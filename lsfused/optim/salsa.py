@@ -8,20 +8,9 @@ from typing import Any
 
 from torch import Tensor
 
-from lsfused.optim import interpolation
-from lsfused.optim.base import (
-    LineSearchOptimizer,
-    SearchResult,
-    _betas,
-    _boolean,
-    _choice,
-    _finite,
-    _finite_at_least,
-    _in_range,
-    _int_at_least,
-    _open_interval,
-    _positive,
-)
+from lsfused.optim import acceptance, interpolation, validation
+from lsfused.optim.acceptance import SearchResult
+from lsfused.optim.base import LineSearchOptimizer
 from lsfused.reference import MODE_ADAM
 
 _GATE = 1e-8  # below this loss or smoothed decrease term the search is not run
@@ -142,7 +131,7 @@ class SaLSa(LineSearchOptimizer):
         loss_scale: str | float | None = None,
         skip_trials: bool | str = False,
     ):
-        _choice("bias_correction", bias_correction, _BIAS_CORRECTIONS)
+        validation.choice("bias_correction", bias_correction, _BIAS_CORRECTIONS)
         self.bias_correction = bias_correction
         defaults = dict(
             init_step_size=init_step_size,
@@ -175,16 +164,16 @@ class SaLSa(LineSearchOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         interpolation.validate(group)
-        _open_interval("c", group["c"], 0.0, 1.0)
-        _betas(group["betas"])
-        _in_range("smoothing", group["smoothing"], 0.0, 1.0)
-        _finite_at_least("growth", group["growth"], 1.0)
-        _open_interval("shrink", group["shrink"], 0.0, 1.0)
-        _int_at_least("max_backtracks", group["max_backtracks"], 1)
-        _boolean("use_momentum_direction", group["use_momentum_direction"])
-        _boolean("speed_up", group["speed_up"])
-        _finite_at_least("weight_decay", group["weight_decay"], 0.0)
-        _finite_at_least("eps", group["eps"], 0.0)
+        validation.open_interval("c", group["c"], 0.0, 1.0)
+        validation.betas(group["betas"])
+        validation.in_range("smoothing", group["smoothing"], 0.0, 1.0)
+        validation.finite_at_least("growth", group["growth"], 1.0)
+        validation.open_interval("shrink", group["shrink"], 0.0, 1.0)
+        validation.int_at_least("max_backtracks", group["max_backtracks"], 1)
+        validation.boolean("use_momentum_direction", group["use_momentum_direction"])
+        validation.boolean("speed_up", group["speed_up"])
+        validation.finite_at_least("weight_decay", group["weight_decay"], 0.0)
+        validation.finite_at_least("eps", group["eps"], 0.0)
 
     def _needs(self) -> tuple[bool, bool, bool]:
         return True, True, True
@@ -298,7 +287,7 @@ class SaLSa(LineSearchOptimizer):
             for group in self.param_groups:
                 group["step_size"] = result.eta
             return result, groups, None
-        eta = self._settle(0, eta_prev, eta0, uncapped, result)
+        eta = acceptance.settled_step_size(eta_prev, eta0, uncapped, result)
         eta = eta if result.outcome == "accepted" else result.eta * g0["shrink"]
         for group in self.param_groups:
             group["step_size"] = eta
@@ -314,10 +303,10 @@ class SaLSa(LineSearchOptimizer):
         if missing:
             raise ValueError(f"state_dict lacks SaLSa smoothing state {sorted(missing)}")
         for key in ("G", "D", "s_now"):
-            _finite(f"state_dict SaLSa state {key}", extra[key])
+            validation.finite(f"state_dict SaLSa state {key}", extra[key])
         for key in ("fast", "slow"):
-            _positive(f"state_dict SaLSa state {key}", extra[key])
-        _int_at_least("state_dict SaLSa state since_search", extra["since_search"], 0)
+            validation.positive(f"state_dict SaLSa state {key}", extra[key])
+        validation.int_at_least("state_dict SaLSa state since_search", extra["since_search"], 0)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._smoothed = {key: extra[key] for key in self._smoothed}

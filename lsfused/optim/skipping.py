@@ -61,6 +61,14 @@ class TrialSkipper:
         self.since_test = 0
         self.streak = self.streak + 1 if passed else 0
 
+    def update(self, event: tuple[str, bool | None] | None) -> None:
+        """After a step's search: what its first trial did, ``("skip", _)`` or ``("tested", passed)`` (None: no
+        search ran, nothing changes)."""
+        if event is not None and event[0] == "skip":
+            self.skipped()
+        elif event is not None:
+            self.tested(bool(event[1]))
+
     @staticmethod
     def passes(f0: float, ft: float, eta: float, k: float, offset: float, margin: float = MARGIN) -> bool:
         """Whether a tested first trial counts as a pass (see the module's docstring); ``margin=0``: the acceptance

@@ -1,0 +1,111 @@
+"""A step as a transaction: the closure runner (each call counted, seeded and refused ``backward()``), one closure
+evaluation that every rank ends alike, and Ctrl-C held back while a pass must not stop half way.
+
+The optimizer undoes an interrupted step itself (parameters back at ``w0``, its search state as before); what is
+here only runs code and returns values.
+"""
+
+from __future__ import annotations
+
+import _signal
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsfused.optim import distributed, validation
+
+_BACKWARD_REFUSED = (
+    "the closure called backward(): lsfused optimizers run backward themselves (once, then the closure under "
+    "torch.no_grad() for each trial). Return the loss from the closure without calling backward() or zero_grad(). "
+    "A framework whose closure runs backward (Lightning's automatic optimization) needs lsfused.integrations (see "
+    "the README); with your own forward and backward, call step(closure, loss=loss) with a closure that only "
+    "computes the loss"
+)
+
+
+@contextmanager
+def backward_refused() -> Iterator[None]:
+    """While a closure runs, ``backward()`` from this thread raises a ValueError that says what to do instead (it would
+    otherwise fail later with torch's "backward through the graph a second time" or, under no_grad, "does not
+    require grad"). ``Tensor.backward`` calls ``torch.autograd.backward``, which is swapped for the call."""
+    original = torch.autograd.backward
+    owner = threading.get_ident()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        if threading.get_ident() != owner:
+            return original(*args, **kwargs)
+        raise ValueError(_BACKWARD_REFUSED)
+
+    torch.autograd.backward = refuse
+    try:
+        yield
+    finally:
+        torch.autograd.backward = original
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, for the few passes that must not stop half way."""
+    # _signal: the signal module's C functions, without its enum conversions (most of this block's cost per step).
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+    _signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        _signal.signal(signal.SIGINT, handler)
+        if received:
+            handler(*received[0])
+
+
+class ClosureRunner:
+    """A step's closure as the step calls it: counted (``calls``), with ``backward()`` refused, and each call under
+    the random state ``random_state()`` enters (None: the caller's)."""
+
+    def __init__(self, closure: Callable[[], Tensor], random_state: Callable[[], AbstractContextManager] | None):
+        self.closure, self.random_state, self.calls = closure, random_state, 0
+
+    def __call__(self) -> Tensor:
+        self.calls += 1
+        with backward_refused():
+            if self.random_state is None:
+                return self.closure()
+            with self.random_state():
+                return self.closure()
+
+
+def evaluate(
+    run: Callable[[], Tensor], where: str, grad: bool, group: Any, device: torch.device
+) -> tuple[Tensor, float]:
+    """Evaluate the closure once: its output and the float64 loss (under ``torch.distributed``, the mean over the
+    ranks of ``group``). When the closure raises on one rank, every rank raises at this same call, so that every
+    rank ends the step the same way (the failing rank with its own exception)."""
+    try:
+        with torch.set_grad_enabled(grad):
+            out = run()
+        value = validation.loss(out, where)
+    except BaseException:
+        if group is not None:
+            distributed.all_reduce([math.nan, 1.0], group, device, average=False)  # the other ranks wait for it
+        raise
+    if group is None:
+        return out, value
+    total, failed = distributed.all_reduce([value, 0.0], group, device, average=False)
+    if failed:
+        raise RuntimeError(
+            f"another rank raised inside the closure {where}; this rank ends the step the same way (the "
+            "parameters are back at w0, see the failing rank's error)"
+        )
+    return out, total / distributed.world_size(group)
