@@ -16,7 +16,7 @@ import torch
 from _results import write_csv  # benchmarks/, this script's folder
 
 import lsfused
-from lsfused import bench
+from lsfused.apps import bench
 
 LISTS = {
     "bert-base": bench.BERT_BASE,

@@ -3,7 +3,8 @@
 ``backend`` is an argument of every op, so the same op (and its fake implementation for ``torch.compile`` and
 ``opcheck``) serves every backend; the registered kernel forwards to that backend's module. Backend modules
 implement ``direction_and_norms`` (with its optional ``eta`` and ``trial_dm``: the fused first trial),
-``trial_step`` and ``restore`` with the signatures of ``lsfused.reference``.
+``trial_step`` and ``restore`` with the signatures of ``lsfused.reference``, and the companion reductions
+``grad_check`` and ``absorbed_counts`` (called eagerly by ``lsfused.backends.Backend``, not registered as ops).
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ it); an explicitly requested backend that is unavailable raises with the reason.
 
 from __future__ import annotations
 
-import math
 import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from lsfused import _ops, reference
+from lsfused import _ops
 
 # Preference order of ``auto`` per device type. Triton on CPU runs only in its (slow) interpreter: never auto there.
 # Without the extension (no compiler) and Triton, ``torch-fast``: chunked torch ops, last-bit differences from the
@@ -70,13 +70,17 @@ class Backend:
         self.name = name
         self._module = None
 
-    def _impl(self):
-        """The backend module for an eager call, or None while compiling."""
-        if torch.compiler.is_compiling():
-            return None
+    def _backend_module(self) -> ModuleType:
+        """The backend's module (``_ops.IMPLEMENTATIONS``), imported on first use."""
         if self._module is None:
             self._module = _ops.implementation(self.name)
         return self._module
+
+    def _impl(self) -> ModuleType | None:
+        """The backend module for an eager call of a fused op, or None while compiling."""
+        if torch.compiler.is_compiling():
+            return None
+        return self._backend_module()
 
     def direction_and_norms(
         self,
@@ -115,32 +119,10 @@ class Backend:
             return impl.restore(w, w0, ranges)
         _ops.restore(w, w0, ranges, self.name)
 
-    def _cpp_kernel(self, t: Tensor) -> bool:
-        """Whether the C++ extension's CPU companion kernels apply: one read-only pass instead of full-size
-        temporaries. Everywhere else the shared torch code below runs."""
-        return self.name == "cpp" and t.device.type == "cpu" and t.is_contiguous()
-
     def grad_check(self, g: Tensor) -> tuple[int, float]:
         """(number of non-finite entries of ``g``, float64 sum of ``g*g``): the non-finite check and the squared
-        L2 norm that gradient clipping needs, from one read of ``g``."""
-        if self._cpp_kernel(g):
-            from lsfused.kernels import cpp_ops
-
-            return cpp_ops.grad_check(g)
-        if not g.numel():
-            return 0, 0.0
-        # One reduction: NaN and inf propagate into it, so the exact count runs only when the sum is not finite;
-        # isfinite() on every step costs ~30x more. The reference sums in float64 (finite fp32/fp16/bf16 squares
-        # cannot overflow there); torch-fast in g's dtype (torch's float64 reduction of fp32 data is not vectorized:
-        # 4 ns per element), falling back to float64 when that overflowed without a non-finite entry.
-        if self.name == "torch-fast" and g.dtype != torch.float64:
-            sumsq = float(torch.linalg.vector_norm(g)) ** 2
-            if math.isfinite(sumsq):
-                return 0, sumsq
-        sumsq = float(torch.linalg.vector_norm(g, dtype=torch.float64).square())
-        if math.isfinite(sumsq):
-            return 0, sumsq
-        return int((~torch.isfinite(g)).sum()), sumsq
+        L2 norm that gradient clipping needs, from one read of ``g`` (see ``reference.grad_check``)."""
+        return self._backend_module().grad_check(g)
 
     def scale_(self, g: Tensor, factor: float) -> None:
         """``g *= factor`` in place (unscaling and clipping the flat gradient before Pass A)."""
@@ -148,11 +130,7 @@ class Backend:
 
     def absorbed_counts(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
         """A companion reduction (see ``reference.absorbed_counts``)."""
-        if self._cpp_kernel(w):
-            from lsfused.kernels import cpp_ops
-
-            return cpp_ops.absorbed_counts(w, w0, d, ranges)
-        return reference.absorbed_counts(w, w0, d, ranges)
+        return self._backend_module().absorbed_counts(w, w0, d, ranges)
 
 
 def resolve(name: str, device: torch.device | None = None) -> Backend:

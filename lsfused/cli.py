@@ -60,13 +60,14 @@ def _diagnose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lsfused import diagnostics
+    from lsfused.apps import diagnose
 
     out = Path(args.out)
     if args.from_file:
         rows = diagnostics.Recorder.load(args.from_file)
         title = f"recorded: {args.from_file}"
     else:
-        rows = diagnostics.run(
+        rows = diagnose.run(
             optimizer=args.optimizer,
             armijo=args.armijo,
             epochs=args.epochs,
@@ -88,7 +89,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lsfused import bench
+    from lsfused.apps import bench
 
     csv_path = Path(args.csv)
     if not args.plot_only:

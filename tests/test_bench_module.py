@@ -1,4 +1,4 @@
-"""``lsfused.bench``: the forced scenarios measure what they say, the ratios use a reference timed around each row,
+"""``lsfused.apps.bench``: the forced scenarios measure what they say, the ratios use a reference timed around each row,
 and every step measurement is reported while the run goes on."""
 
 import csv
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lsfused
-from lsfused import bench
+from lsfused.apps import bench
 from lsfused.apps.baselines import PaperStyleAdamSLS
 
 CPU = torch.device("cpu")
@@ -43,7 +43,7 @@ def test_timeit_against_times_the_reference_right_before_and_after():
 
 
 def test_bench_steps_reports_every_step_row_with_its_ratio(caplog):
-    with caplog.at_level(logging.INFO, logger="lsfused.bench"):
+    with caplog.at_level(logging.INFO, logger="lsfused.apps.bench"):
         rows = bench.bench_steps("tiny", [(32, 8), (8,)], CPU, repeats=1)
     steps = [r for r in rows if r["kind"] == "step"]
     assert len(caplog.records) == len(steps)

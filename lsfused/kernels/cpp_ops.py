@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lsfused import reference
 from lsfused.kernels import _cpp_build as build
 
 _lock = threading.Lock()
@@ -188,14 +189,24 @@ def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
     _op("restore")(w, w0, list(ranges))
 
 
+def _has_cpu_kernel(t: Tensor) -> bool:
+    """Whether the extension's companion kernels (CPU only, contiguous) apply; elsewhere the reference's run."""
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
 def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
-    """``reference.absorbed_counts`` in one read-only pass (CPU tensors)."""
+    """``reference.absorbed_counts`` in one read-only pass (contiguous CPU ``w``; elsewhere the reference's)."""
+    if not _has_cpu_kernel(w):
+        return reference.absorbed_counts(w, w0, d, ranges)
     return _op("absorbed_counts")(w, w0, d, list(ranges))
 
 
 def grad_check(g: Tensor) -> tuple[int, float]:
     """(number of inf/NaN entries, float64 sum of ``g*g``) in one read-only pass, no temporaries (a contiguous CPU
-    tensor). The sum is accumulated in fixed-size chunks added in order, so it does not depend on the thread count."""
+    tensor; elsewhere ``reference.grad_check``). The sum is accumulated in fixed-size chunks added in order, so it
+    does not depend on the thread count."""
+    if not _has_cpu_kernel(g):
+        return reference.grad_check(g)
     count, sumsq = _op("grad_check")(g)
     return int(count), float(sumsq)
 

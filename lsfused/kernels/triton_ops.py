@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lsfused import reference
 from lsfused.reference import HP_COLUMNS, MODE_ADAM, NORM_COLUMNS, mark_skipped_sums, pairs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -210,3 +211,8 @@ def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
     for a, b in pairs(ranges):
         if b > a:
             _restore_kernel[_grid(b - a)](w, w0, a, b - a, BLOCK_=BLOCK, num_warps=NUM_WARPS)
+
+
+# No Triton kernels for the companion reductions: the reference's torch code runs them.
+grad_check = reference.grad_check
+absorbed_counts = reference.absorbed_counts
