@@ -1,4 +1,4 @@
-"""Geometric vs interpolating backtracking (issue 16) on the two demo tasks, several seeds.
+"""Geometric vs interpolating backtracking on the two demo tasks, several seeds.
 
 Runs the digits task (``lsfused.apps.demo``: MLP, 15 epochs, batch 64) and the text task
 (``lsfused.apps.finetune``: MiniLM-L6 on WordNet, 80 steps, batch 32) through the demos' own training loops, with

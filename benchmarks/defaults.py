@@ -1,4 +1,4 @@
-"""Measure candidate defaults of AdamSLS and PLASLS on the two demo tasks, over seeds (issue 15).
+"""Measure candidate defaults of AdamSLS and PLASLS on the two demo tasks, over seeds.
 
 Digits (the MLP of ``lsfused demo --task digits``: 15 epochs, batch 64, PLASLS over 3 layer components): every config
 below on every seed, one row per run appended to ``benchmarks/results/defaults.csv`` (runs already there are

@@ -1,4 +1,4 @@
-"""Interleaved before/after of the fused first trial (issue 13): every round times torch ``Adam(fused=True)`` and
+"""Interleaved before/after of the fused first trial: every round times torch ``Adam(fused=True)`` and
 each lsfused variant back to back on the same parameter list, so the machine's drift cancels in the per-round
 ratios. "before" is today's optimizer with ``_fuse_first_trial = False`` (Pass A, then a Pass B for the first trial:
 the op sequence before the fusion, bit-identical results). Accepted first trial, optimizer side only.

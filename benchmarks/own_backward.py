@@ -1,4 +1,4 @@
-"""The own-backward path ``step(closure, loss=loss)`` against ``step(closure)`` with dropout (issue 23).
+"""The own-backward path ``step(closure, loss=loss)`` against ``step(closure)`` with dropout.
 
     PYTHONPATH=. python benchmarks/own_backward.py [loop ...]
 

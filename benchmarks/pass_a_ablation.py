@@ -1,4 +1,4 @@
-"""What bounds the cpp backend's Pass A on this CPU (issue 13): the fused Pass A (fp32, ``betas[0] = 0``, with the
+"""What bounds the cpp backend's Pass A on this CPU: the fused Pass A (fp32, ``betas[0] = 0``, with the
 first trial) timed as an optimizer runs it (without the sums gg and dd, which only a recorder asks for), with them,
 and with parts of its arithmetic removed, in the L2 cache (one thread) and on a
 bert-base-sized buffer (all threads); and the other side of "store d or recompute it": Pass A without the store of

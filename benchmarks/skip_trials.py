@@ -1,4 +1,4 @@
-"""How often ``skip_trials`` skips a trial that would have failed (issue 25): the rule's error rate.
+"""How often ``skip_trials`` skips a trial that would have failed: the rule's error rate.
 
     PYTHONPATH=. python benchmarks/skip_trials.py [--task text|digits] [--seeds 3] [--rows a,b,...]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lsfused import diagnostics
-from lsfused.apps import demo
+from lsfused.apps import demo, diagnose
 
 OUT = Path(__file__).parent / "numerics"
 EPOCHS = 300
@@ -30,7 +30,7 @@ def evaluate(model) -> tuple[float, float]:
 def anatomy_of_the_first_failure() -> dict:
     """Stop the classic run at its first failed step (w is back at w0, d is still in the buffer) and evaluate the
     loss along ``w0 + eta*d`` in float32 (as the optimizer saw it) and in float64 (the same weights, exact-ish)."""
-    result = diagnostics.run("adamsls", "classic", EPOCHS, "linear", progress=False, stop_at_first="failed")
+    result = diagnose.run("adamsls", "classic", EPOCHS, "linear", progress=False, stop_at_first="failed")
     step = result.rows[-1]["step"]
     x, y = result.batches[(step - 1) % len(result.batches)]
     (bucket,) = result.optimizer._buckets
@@ -57,7 +57,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     table = []
     for armijo in ("classic", "noise_aware"):
-        result = diagnostics.run("adamsls", armijo, EPOCHS, "linear", record_path=OUT / f"{armijo}.jsonl")
+        result = diagnose.run("adamsls", armijo, EPOCHS, "linear", record_path=OUT / f"{armijo}.jsonl")
         diagnostics.plot(result.rows, OUT / f"{armijo}.png", f"AdamSLS, armijo={armijo}, digits logistic regression")
         summary = diagnostics.summarize(result.rows)
         loss, acc = evaluate(result.model)

