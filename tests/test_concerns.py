@@ -144,10 +144,15 @@ def test_distributed_without_a_process_group():
 
 
 def test_validation_errors_name_the_value():
+    ok = {"deterministic_closure": True, "armijo": "noise_aware", "skip_trials": False, "estimate_noise": False}
+    ok |= {"max_grad_norm": None, "loss_scale": None}
+    validation.options(**ok)
     with pytest.raises(ValueError, match="skip_trials"):
-        validation.options(True, "noise_aware", ("noise_aware",), "yes", (False, True), False, None, None)
+        validation.options(**ok | {"skip_trials": "yes"})
     with pytest.raises(ValueError, match="loss_scale"):
-        validation.options(True, "noise_aware", ("noise_aware",), False, (False,), False, None, -1.0)
+        validation.options(**ok | {"loss_scale": -1.0})
+    with pytest.raises(ValueError, match="armijo"):
+        validation.options(**ok | {"armijo": "strict"})
     with pytest.raises(ValueError, match="True"):
         validation.positive("c", True)
     with pytest.raises(ValueError, match="c=0.2 but group 0 has 0.1"):

@@ -5,12 +5,14 @@ matched: ``watch()``, the fallback under the step's seed), and the step sizes of
 (``_rng_step`` claimed for every step: trials compared with a loss of other dropout masks), which collapse.
 """
 
+import copy
+import dataclasses
 import warnings
 from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_same, snapshot
+from conftest import assert_same, batches, closure_for, mlp, snapshot
 from torch import nn
 
 import lsfused
@@ -268,3 +270,27 @@ def test_accelerate_gradient_accumulation_refused(accelerate):
                 else:  # accelerate's own step path, which calls the optimizer on the micro-step that syncs
                     prepared.step(closure)
     assert_same(before, snapshot(model, opt))
+
+
+def test_a_fallback_is_the_closure_step_whatever_zero_grad_captured():
+    """The cause: a capture for this step that does not match the caller's loss (a random draw after ``zero_grad()``)
+    used to decide the fallback's dropout masks too, so the fallback step was no ``step(closure)``. Found by the
+    property test: a refused step, then ``zero_grad()`` again at the same step count, then a loop that draws."""
+    for make in (lambda m: lsfused.SGDSLS(m.parameters()), lambda m: lsfused.SaLSa(m.parameters())):
+        model = mlp(dropout=0.5)
+        opt = make(model)
+        twin_model = copy.deepcopy(model)
+        twin = make(twin_model)
+        twin.load_state_dict(opt.state_dict())
+        (x, y), *_ = batches(1)
+        opt.zero_grad()  # captures this step's generator state
+        torch.rand(1)  # ... which the forward then does not start from
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure_for(model, x, y), loss=loss)
+        twin.step(closure_for(twin_model, x, y))
+        assert opt.last_step == dataclasses.replace(twin.last_step, closure_calls=opt.last_step.trials + 2)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))

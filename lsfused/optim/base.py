@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 
 from lsfused.optim import acceptance, distributed, passes, rng, scaling, transaction, validation
-from lsfused.optim.acceptance import ARMIJO_TESTS, SearchResult
+from lsfused.optim.acceptance import SearchResult
 from lsfused.optim.flat_optimizer import FlatOptimizer
 from lsfused.optim.interpolation import Interpolator
 from lsfused.optim.record import StepRecord
-from lsfused.optim.skipping import MODES as SKIP_MODES
 from lsfused.optim.skipping import SETTLED_TRIALS, TrialSkipper
 
 __all__ = ["LineSearchOptimizer", "SearchResult", "StepRecord"]
@@ -53,15 +52,14 @@ class LineSearchOptimizer(FlatOptimizer):
         skip_trials: bool | str = False,
     ):
         validation.options(
-            deterministic_closure, armijo, ARMIJO_TESTS, skip_trials, SKIP_MODES, estimate_noise, max_grad_norm,
-            loss_scale,
+            deterministic_closure=deterministic_closure, armijo=armijo, skip_trials=skip_trials,
+            estimate_noise=estimate_noise, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
         )  # fmt: skip
         self.armijo = armijo
         self.deterministic_closure = deterministic_closure
         self.skip_trials = skip_trials
         self._skipper = TrialSkipper()
-        # this step's skip plan (see skipping.TrialSkipper.plan; None: skip_trials off) and what its search's first
-        # trial did: ("skip", passed when measured) or ("tested", passed)
+        # this step's plan (skipping.TrialSkipper.plan; None: off); its first trial: ("skip"|"tested", passed)
         self._skip_plan: str | None = None
         self._skip_event: tuple[str, bool | None] | None = None
         self.estimate_noise = estimate_noise
@@ -94,10 +92,15 @@ class LineSearchOptimizer(FlatOptimizer):
         self._dist_checked = False  # every rank must add the same group
 
     def _run_state(self) -> dict[str, Any]:
-        """The closure seed, the loss scale and ``skip_trials``' state, for ``search_state``."""
+        """The closure seed and the loss scale, for ``search_state`` (``_search_state`` adds ``skip_trials``')."""
         scale, tracker = (None, None) if self._scaler is None else (self._scaler.scale, self._scaler.tracker)
-        state = {"seed": self._seed, "loss_scale": scale, "loss_scale_tracker": tracker}
-        return state | ({"trial_skipping": self._skipper.state()} if self.skip_trials else {})
+        return {"seed": self._seed, "loss_scale": scale, "loss_scale_tracker": tracker}
+
+    def _search_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        plain, tensors = super()._search_state()
+        if self.skip_trials:
+            plain["trial_skipping"] = self._skipper.state()
+        return plain, tensors
 
     def _load_run_state(self, search: dict[str, Any]) -> None:
         self._seed = search["seed"]
@@ -120,6 +123,8 @@ class LineSearchOptimizer(FlatOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         reset = {"_recorder": None, "_process_group": None, "_dist_checked": False, "_in_closure": False}
+        if isinstance(state.get("_scaler"), dict):  # pickled before the loss scale was a LossScale
+            reset["_scaler"] = scaling.LossScale(**state["_scaler"])
         super().__setstate__({**state, **reset, "_watch_stack": []})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -146,15 +151,22 @@ class LineSearchOptimizer(FlatOptimizer):
         search's first ``_apply`` of exactly these step sizes and direction costs nothing."""
         return None
 
-    def _pass_a(self) -> Tensor:
-        """Pass A (``FlatOptimizer._run_pass_a``) with this step's first trial (``_first_trial``) fused in; ``gg``
-        and ``dd`` are summed only for a recorder (the precision report) and under FSDP2 (a rank without a recorder
-        would add NaN into a recording rank's), whose shard sums are summed over ranks."""
-        self._pending = None
-        plan = self._first_trial()  # always asked: PLASLS chooses the searched component there
-        all_sums = self._recorder is not None or any(b.sharded for b in self._buckets)
-        reduce = lambda v: self._reduce(v, average=False)  # noqa: E731
-        return self._run_pass_a(plan if self._fuse_first_trial else None, all_sums, reduce)
+    def _pass_a(self, f0: float, progress: list[str]) -> Tensor:
+        """Pass A (``FlatOptimizer._run_pass_a``) with this step's first trial (``_first_trial``) fused in, never
+        left half done (it updates the moments in place: Ctrl-C waits for it); ``progress`` records that it ran.
+        ``gg`` and ``dd`` are summed only for a recorder (the precision report) and under FSDP2 (a rank without a
+        recorder would add NaN into a recording rank's), whose shard sums are summed over ranks."""
+        with transaction.sigint_deferred():
+            self._pending = None
+            plan = self._first_trial()  # always asked: PLASLS chooses the searched component there
+            all_sums = self._recorder is not None or any(b.sharded for b in self._buckets)
+            reduce = lambda v: self._reduce(v, average=False)  # noqa: E731
+            sums = self._run_pass_a(plan if self._fuse_first_trial else None, all_sums, reduce)
+        progress.append("pass A")
+        if self._recorder is not None:
+            self._recorder.begin_step(self, f0, sums)
+        self._decrease_ratio = 0.0
+        return sums
 
     @property
     def loss_scale_value(self) -> float | None:
@@ -408,7 +420,9 @@ class LineSearchOptimizer(FlatOptimizer):
             captured = self._captured is not None and self._captured[0] == step
             warning = rng.mismatch_warning(type(self).__name__, given, replayed, self._watched_step == step, captured)
             warnings.warn(warning, stacklevel=3)
-        # Fallback: gradient, f(w0) and trials under one RNG state, one forward and backward more.
+        # Fallback: gradient, f(w0) and trials under the step's seed, as step(closure) runs them (one forward and
+        # backward more): a guessed state that failed the check is no better than the seed.
+        run.random_state = self._runner(run.closure).random_state
         return self._loss_at_start(run, None)
 
     @torch.no_grad()
@@ -428,7 +442,8 @@ class LineSearchOptimizer(FlatOptimizer):
                 for this step (or the step's seed when it saw none). Unless :meth:`step_rng` vouched for it, one
                 forward without grad checks that the closure's ``f(w0)`` under that state equals ``loss`` within 4
                 ulps; when it does not, the step falls back to one more forward and backward of the closure under
-                that state (your gradient is replaced) and warns once, naming the cheap fix. Never a step whose
+                the step's seed (your gradient is replaced: the step is then ``step(closure)``'s) and warns once,
+                naming the cheap fix. Never a step whose
                 gradient comes from other dropout masks than the losses it compares.
 
         Returns:
@@ -444,31 +459,26 @@ class LineSearchOptimizer(FlatOptimizer):
         gradient and the step counter advances with them; ``last_step.outcome`` is ``"interrupted"``; then the
         exception propagates (under ``torch.distributed`` on every rank at the same call).
         """
-        run, caps = self._check(closure, loss)
-        start, f0 = self._loss_at_start(run, loss)
-        grad_norm = self._checked_gradient()
+        run, start, f0, grad_norm = self._check(closure, loss)
         if grad_norm is None:  # loss-scale overflow: nothing changes but the (lowered) scale
             self._record(run, f0, SearchResult("skipped", 0.0, 0, None, "overflow"), grad_norm=math.inf)
             self._sync_search_state()
             return start.detach()
-        self._begin(run, f0, start.dtype, caps)
-        result, searched, merged = self._pass_a_and_search(run, f0)
-        self._settle(run, f0, result, searched, merged, grad_norm, given_loss=loss is not None)
+        with self._transaction(run, f0) as progress:
+            sums = self._pass_a(f0, progress)
+            found = self._search(run, f0, sums)
+            if self._pending is not None:  # a search that never moved w assumed it at w0: not at Pass A's trial
+                self._restore()
+            self._skipper.update(self._skip_event)
+        self._settle(run, f0, found, grad_norm, given_loss=loss is not None)
         return start.detach()
 
-    def _begin(self, run: Closure, f0: float, dtype: torch.dtype, caps: dict[int, float]) -> None:
-        """Commit what the checks accepted: a scheduled (or hand-set) ``"lr"`` caps this step and the next ones; the
-        loss dtype and (``estimate_noise``) the evaluation noise set the rounding bound."""
-        for i, cap in caps.items():
-            self.param_groups[i]["max_step_size"] = cap
-        self._loss_dtype = dtype
-        self._noise = 0.0
-        if self.estimate_noise:  # a repeated evaluation at w0 measures the closure's noise (nondeterministic kernels)
-            repeat = self._call(run, "at the starting point (noise estimate)")[1]
-            self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
-
-    def _check(self, closure: Closure | None, loss: Tensor | None) -> tuple[transaction.ClosureRunner, dict]:
-        """Refuse bad input before anything changes; return the closure runner and the step-size caps to commit."""
+    def _check(self, closure: Closure | None, loss: Tensor | None) -> tuple[Any, Tensor, float, float | None]:
+        """Refuse bad input before anything changes: the closure, the parameters, the loss and the gradient (unscaled
+        and clipped here). Returns the closure runner, the loss tensor and ``f(w0)``, and the gradient's norm (None:
+        a loss-scale overflow, the step is skipped); then commits what the checks accepted: a scheduled (or
+        hand-set) ``"lr"`` caps this step and the next ones, and the loss dtype and (``estimate_noise``) the
+        evaluation noise set the rounding bound."""
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step() requires a closure that returns the loss")
         if not callable(closure):
@@ -489,7 +499,18 @@ class LineSearchOptimizer(FlatOptimizer):
             states = rng.replay_states(self._step_count, self._rng_step, self._watched_step, self._captured)
             for b in self._buckets:
                 b.check_grads()
-        return self._runner(closure, states), caps
+        run = self._runner(closure, states)
+        start, f0 = self._loss_at_start(run, loss)
+        grad_norm = self._checked_gradient()
+        if grad_norm is not None:
+            for i, cap in caps.items():
+                self.param_groups[i]["max_step_size"] = cap
+            self._loss_dtype = start.dtype
+            self._noise = 0.0
+            if self.estimate_noise:  # a repeated evaluation at w0 measures the noise (nondeterministic kernels)
+                repeat = self._call(run, "at the starting point (noise estimate)")[1]
+                self._noise = abs(repeat - f0) if math.isfinite(repeat) else 0.0
+        return run, start, f0, grad_norm
 
     def _checked_gradient(self) -> float | None:
         """Check the flat gradients (one read each: non-finite count and float64 squared norm), then unscale and
@@ -518,33 +539,21 @@ class LineSearchOptimizer(FlatOptimizer):
             self._scaler.clean()
         return norm
 
-    def _pass_a_and_search(self, run: transaction.ClosureRunner, f0: float) -> tuple[SearchResult, tuple, Any]:
-        """Pass A and the search, as a transaction: whatever raises from here on ends the step as ``"interrupted"``
-        (see ``step()``), then propagates."""
+    @contextmanager
+    def _transaction(self, run: transaction.ClosureRunner, f0: float) -> Iterator[list[str]]:
+        """Pass A and the search as a transaction: whatever the block raises ends the step as ``"interrupted"`` (see
+        ``step()``), then propagates. Yields the list in which ``_pass_a`` records that it ran."""
         before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state(), self._skipper.state())
-        pass_a_done, calls_before = False, run.calls
+        progress: list[str] = []
+        calls = run.calls
         self._skip_plan = self._skipper.plan() if self.skip_trials else None
         self._skip_event = None
-        try:
-            with transaction.sigint_deferred():  # Pass A updates the moments in place: never leave it half done
-                sums = self._pass_a()
-            pass_a_done = True
-            if self._recorder is not None:
-                self._recorder.begin_step(self, f0, sums)
-            self._decrease_ratio = 0.0
-            result, searched, merged = self._search(run, f0, sums)
-            if self._pending is not None:  # a search that never moved w assumed it at w0: not at Pass A's trial
-                self._restore()
-            self._skipper.update(self._skip_event)
-        except BaseException as err:
-            with transaction.sigint_deferred():
-                self._interrupted(before, pass_a_done, run, f0, run.calls - calls_before, err)
-            raise
-        return result, searched, merged
+        with transaction.undone_on_error(
+            lambda err: self._interrupted(before, bool(progress), run, f0, run.calls - calls, err)
+        ):
+            yield progress
 
-    def _interrupted(
-        self, before: tuple, pass_a_done: bool, run: Any, f0: float, trials: int, err: BaseException
-    ) -> None:
+    def _interrupted(self, before: tuple, pass_a_done: bool, run: Any, f0: float, trials: int, err: Any) -> None:
         """End a step that raised after Pass A started: parameters back at ``w0``, step sizes and line-search state
         as before the step, moments (already updated by Pass A) kept, the step counted and recorded."""
         # A trial may have moved w, the first one inside Pass A (pending: Pass A finished, e.g. a held Ctrl-C raised
@@ -558,28 +567,19 @@ class LineSearchOptimizer(FlatOptimizer):
         self._skipper.load(skipping)
         self._count_step(self._scaler is not None or bool(self.skip_trials))
         interrupted = SearchResult("interrupted", 0.0, trials, None, type(err).__name__)
-        self._record(run, f0, interrupted, step_sizes=step_sizes)
+        self._record(run, f0, interrupted, step_sizes)
         if self._recorder is not None and pass_a_done:
             self._recorder.end_step(self, self.last_step)
 
-    def _settle(
-        self,
-        run: Any,
-        f0: float,
-        result: SearchResult,
-        searched: tuple,
-        merged: Any,
-        grad_norm: float,
-        given_loss: bool,
-    ) -> None:
-        """Count the step, record it in ``last_step``, publish the step sizes in ``"lr"``, and say once when the
-        caller's gradient looks still scaled."""
+    def _settle(self, run: Any, f0: float, found: tuple, grad_norm: float, given_loss: bool) -> None:
+        """Count the step, record what the search ``found`` (result, searched groups, merge) in ``last_step``,
+        publish the step sizes in ``"lr"``, and say once when the caller's gradient looks still scaled."""
+        result, searched, merged = found
         self._count_step(self._scaler is not None or bool(self.skip_trials))
         skipped, passed = self._skip_event or (None, None)
-        self._record(
-            run, f0, result, searched=searched, merged=merged, grad_norm=grad_norm, trial_skipped=skipped == "skip",
-            skip_rule=self._skip_plan if skipped else None, skipped_trial_passed=passed if skipped == "skip" else None,
-        )  # fmt: skip
+        skip = {"trial_skipped": skipped == "skip", "skip_rule": self._skip_plan if skipped else None}
+        skip["skipped_trial_passed"] = passed if skipped == "skip" else None
+        self._record(run, f0, result, searched=searched, merged=merged, grad_norm=grad_norm, **skip)
         self._publish_lr()
         if given_loss and not self._warned_scaled:
             warning = scaling.scaled_gradient_warning(type(self).__name__, result.outcome, self._decrease_ratio)
@@ -589,12 +589,11 @@ class LineSearchOptimizer(FlatOptimizer):
         if self._recorder is not None:
             self._recorder.end_step(self, self.last_step)
 
-    def _record(
-        self, run: Any, f0: float, result: SearchResult, step_sizes: tuple | None = None, **fields: Any
-    ) -> None:
-        if step_sizes is None:
-            step_sizes = tuple(float(g["step_size"]) for g in self.param_groups)
+    def _record(self, run: Any, f0: float, result: SearchResult, sizes: tuple | None = None, **fields: Any) -> None:
+        """``last_step``: the step just ended (``sizes``: its step sizes, default the current ones)."""
+        sizes = sizes if sizes is not None else tuple(float(g["step_size"]) for g in self.param_groups)
+        searched = fields.pop("searched", ())
         self.last_step = StepRecord(
-            step=self._step_count, loss=f0, trial_loss=result.trial_loss, step_sizes=step_sizes, trials=result.trials,
-            outcome=result.outcome, closure_calls=run.calls, reason=result.reason, **{"searched": (), **fields},
+            self._step_count, f0, result.trial_loss, sizes, searched, result.trials, result.outcome, run.calls,
+            reason=result.reason, **fields,
         )  # fmt: skip

@@ -95,7 +95,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.setdefault("max_step_size", None)
             self._check_groups()
             if user_lr is not None:
-                validation.lr_cap(f'param group {n}\'s "lr" (read as the step-size cap max_step_size)', user_lr)
+                what = f'param group {n}\'s "lr" (read as the step-size cap max_step_size)'
+                validation.finite_at_least(what, user_lr, 0.0)
             self._buckets = self._build_buckets()  # re-points every parameter at new flat buffers
         except BaseException:
             del self.param_groups[n:]

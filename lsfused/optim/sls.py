@@ -464,3 +464,12 @@ class AdamSLS(_ArmijoSLS):
 
     def _needs(self) -> tuple[bool, bool, bool]:
         return True, self._has_momentum, self._has_momentum
+
+
+def __getattr__(name: str) -> Any:
+    # PLASLS lives in lsfused.optim.plasls; this name keeps imports and pickles from before the move working.
+    if name == "PLASLS":
+        from lsfused.optim.plasls import PLASLS
+
+        return PLASLS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,9 @@
-"""A step as a transaction: the closure runner (each call counted, seeded and refused ``backward()``), one closure
-evaluation that every rank ends alike, and Ctrl-C held back while a pass must not stop half way.
+"""A step as a transaction: the block whose failure is undone (``undone_on_error``), Ctrl-C held back while a pass
+or the undoing must not stop half way, the closure runner (each call counted, seeded and refused ``backward()``),
+and one closure evaluation that every rank ends alike.
 
-The optimizer undoes an interrupted step itself (parameters back at ``w0``, its search state as before); what is
-here only runs code and returns values.
+The optimizer supplies what undoing means (parameters back at ``w0``, its search state as before); what is here
+only runs code and returns values.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def sigint_deferred() -> Iterator[None]:
         _signal.signal(signal.SIGINT, handler)
         if received:
             handler(*received[0])
+
+
+@contextmanager
+def undone_on_error(undo: Callable[[BaseException], None]) -> Iterator[None]:
+    """Run the block as a transaction: whatever it raises (``KeyboardInterrupt`` included) is first handed to
+    ``undo``, with Ctrl-C held back so that the undoing is never cut short, then propagates."""
+    try:
+        yield
+    except BaseException as err:
+        with sigint_deferred():
+            undo(err)
+        raise
 
 
 class ClosureRunner:

@@ -13,6 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
+from lsfused.optim.acceptance import ARMIJO_TESTS
+from lsfused.optim.skipping import MODES as SKIP_MODES
+
 
 def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -84,19 +87,18 @@ def step_value(t: Any, index: int) -> int:
 
 
 def options(
+    *,
     deterministic_closure: Any,
     armijo: Any,
-    armijo_tests: tuple[str, ...],
     skip_trials: Any,
-    skip_modes: tuple,
     estimate_noise: Any,
     max_grad_norm: Any,
     loss_scale: Any,
 ) -> None:
     """The options every optimizer takes (see ``LineSearchOptimizer``)."""
     boolean("deterministic_closure", deterministic_closure)
-    choice("armijo", armijo, armijo_tests)
-    if not any(skip_trials is mode or skip_trials == mode and isinstance(mode, str) for mode in skip_modes):
+    choice("armijo", armijo, ARMIJO_TESTS)
+    if not any(skip_trials is mode or skip_trials == mode and isinstance(mode, str) for mode in SKIP_MODES):
         raise ValueError(f"skip_trials must be False, True or 'measure', got {skip_trials!r}")
     boolean("estimate_noise", estimate_noise)
     if max_grad_norm is not None:
