@@ -245,3 +245,32 @@ def test_checkpoint_checks_name_the_problem():
     good = {0: {"step": torch.tensor(3.0), "exp_avg_sq": torch.ones(2)}}
     moments, steps, tensors = checkpoint.checked_state(good, groups, [full], state, {id(p): torch.Size([2])})
     assert torch.equal(moments[p]["exp_avg_sq"], torch.ones(2)) and steps == [3] and tensors == {}
+
+
+def test_flat_optimizer_is_a_layer_of_its_own():
+    """``FlatOptimizer`` (the flat buffers and torch's optimizer contract) works without any line search: built,
+    extended, capped, counted, saved, loaded and copied on its own."""
+    import copy
+
+    from lsfused.optim.flat_optimizer import FlatOptimizer
+
+    def build():
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+        opt = FlatOptimizer([a], {"init_step_size": 0.5}, backend="torch")
+        opt.add_param_group({"params": [b], "lr": 0.1})
+        return a, b, opt
+
+    a, b, opt = build()
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1] and opt._new_caps() == {1: 0.1}
+    w = opt._buckets[0].w
+    assert w.data_ptr() <= a.data_ptr() < w.data_ptr() + w.numel() * w.element_size()  # a view of the flat buffer
+    opt._count_step(changed=False)
+    assert [opt.state[p]["step"].item() for p in (a, b)] == [1.0, 1.0]
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["search_state"] == {"optimizer": "FlatOptimizer"}
+    _, _, other = build()
+    other.load_state_dict(saved)
+    assert other._step_count == 1 and other.state_dict()["param_groups"] == saved["param_groups"]
+    twin = copy.deepcopy(other)
+    assert twin._step_count == 1 and twin._buckets[0].w is not other._buckets[0].w

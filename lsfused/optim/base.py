@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lsfused.optim import acceptance, distributed, passes, rng, scaling, transaction, validation
+from lsfused.optim import acceptance, checkpoint, distributed, passes, rng, scaling, transaction, validation
 from lsfused.optim.acceptance import SearchResult
 from lsfused.optim.flat_optimizer import FlatOptimizer
 from lsfused.optim.interpolation import Interpolator
@@ -55,16 +55,12 @@ class LineSearchOptimizer(FlatOptimizer):
             deterministic_closure=deterministic_closure, armijo=armijo, skip_trials=skip_trials,
             estimate_noise=estimate_noise, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
         )  # fmt: skip
-        self.armijo = armijo
-        self.deterministic_closure = deterministic_closure
-        self.skip_trials = skip_trials
+        self.armijo, self.deterministic_closure, self.skip_trials = armijo, deterministic_closure, skip_trials
         self._skipper = TrialSkipper()
         # this step's plan (skipping.TrialSkipper.plan; None: off); its first trial: ("skip"|"tested", passed)
         self._skip_plan: str | None = None
         self._skip_event: tuple[str, bool | None] | None = None
-        self.estimate_noise = estimate_noise
-        self.max_grad_norm = max_grad_norm
-        self.loss_scale = loss_scale
+        self.estimate_noise, self.max_grad_norm, self.loss_scale = estimate_noise, max_grad_norm, loss_scale
         self._scaler = None
         if loss_scale is not None:
             self._scaler = scaling.LossScale(float(loss_scale) if validation.number(loss_scale) else scaling.INIT)
@@ -101,6 +97,9 @@ class LineSearchOptimizer(FlatOptimizer):
         if self.skip_trials:
             plain["trial_skipping"] = self._skipper.state()
         return plain, tensors
+
+    def _check_run_state(self, search: dict[str, Any]) -> None:
+        checkpoint.checked_run_state(search)
 
     def _load_run_state(self, search: dict[str, Any]) -> None:
         self._seed = search["seed"]

@@ -161,7 +161,7 @@ def checked_groups(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The saved param groups' hyperparameters (without ``params`` and ``search_state``), validated by
     ``check_values`` as the constructor's are, and their (common) ``search_state``, which must hold ``search_keys``
-    (and may hold ``trial_skipping``), with its base entries validated."""
+    (and may hold ``trial_skipping``)."""
     if not isinstance(saved, list) or len(saved) != len(param_groups):
         n = len(saved) if isinstance(saved, list) else type(saved).__name__
         raise ValueError(f"state_dict has {n} param groups, this optimizer has {len(param_groups)}")
@@ -207,13 +207,18 @@ def checked_groups(
             f"state_dict search_state lacks {sorted(expected - set(search))} and has unknown "
             f"{sorted(set(search) - expected)}"
         )
+    return out, search
+
+
+def checked_run_state(search: dict[str, Any]) -> None:
+    """The line search's own entries of a ``search_state`` (which holds them, see :func:`checked_groups`): the
+    closure seed, the loss scale and ``skip_trials``' state."""
     validation.int_at_least("state_dict seed", search["seed"], 0)
     if search["loss_scale"] is not None:
         validation.positive("state_dict loss_scale", search["loss_scale"])
         validation.int_at_least("state_dict loss_scale_tracker", search["loss_scale_tracker"], 0)
     if "trial_skipping" in search:
         TrialSkipper.check(search["trial_skipping"])
-    return out, search
 
 
 def checked_state(

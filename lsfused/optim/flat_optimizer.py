@@ -251,6 +251,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The step's own optimizer-wide state as plain values (``LineSearchOptimizer``: seed, loss scale, ...)."""
         return {}
 
+    def _check_run_state(self, search: dict[str, Any]) -> None:
+        """Raise ValueError when the ``_run_state`` entries of a saved ``search_state`` cannot apply."""
+
     def _load_run_state(self, search: dict[str, Any]) -> None:
         """Commit a validated ``search_state`` (see ``_run_state``)."""
 
@@ -373,6 +376,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         saved_groups, search = checkpoint.checked_groups(
             state_dict["param_groups"], self.param_groups, name, self._check_values, set(plain)
         )
+        self._check_run_state(search)
         local_shape = {id(p): b.shapes[i] for b in self._buckets for i, p in enumerate(b.params)}
         new_state, steps, tensors = checkpoint.checked_state(
             state_dict["state"], self.param_groups, state_dict["param_groups"], self.state, local_shape
