@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint format clean
+.PHONY: test demo bench gpu-check lint format clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -m benchmark -p no:cacheprovider
 	$(PY) -m lsfused bench --plot
+
+# On a CUDA machine: the GPU tests, op bandwidth and step ratios per GPU backend, peak memory per optimizer, one table.
+gpu-check: $(STAMP)
+	$(PY) -m lsfused.apps.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -91,7 +91,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     from lsfused.apps import bench
 
-    csv_path = Path(args.csv)
+    if args.memory:
+        return _bench_memory(args)
+    csv_path = Path(args.csv or "benchmarks/results/results.csv")
     if not args.plot_only:
         progress = logging.StreamHandler(sys.stderr)
         progress.setFormatter(logging.Formatter("  %(message)s"))
@@ -104,6 +106,22 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot or args.plot_only:
         for path in bench.plot(csv_path, Path(args.plot_dir)):
             print(f"wrote {path}")
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lsfused.apps import bench, memory
+
+    numel = 2**20 if args.quick else 32 * 2**20
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        rows += memory.run(numel=numel, dtype=dtype, repeats=args.repeats)
+    print(f"machine: {bench.machine()}; {numel} parameters in 8 tensors, 3 steps, each optimizer in its own process")
+    print(memory.format_rows(rows))
+    path = memory.append_csv(rows, Path(args.csv or "benchmarks/results/memory.csv"), bench.machine())
+    print(f"appended {len(rows)} rows to {path}")
     return 0
 
 
@@ -151,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_diagnose)
     b = sub.add_parser("bench", help="time the fused ops and optimizer steps against baselines, in one run")
     b.add_argument("--quick", action="store_true", help="small sizes only (under 2 minutes on 2 cores)")
-    b.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV the rows are appended to")
+    b.add_argument(
+        "--csv", help="CSV the rows are appended to (benchmarks/results/results.csv; --memory: .../memory.csv)"
+    )
+    b.add_argument("--memory", action="store_true", help="optimizer memory (bytes/param), each in its own process")
+    b.add_argument("--repeats", type=int, default=3, help="--memory: runs of each optimizer (default 3)")
     b.add_argument("--plot", action="store_true", help="also draw the figures from the CSV")
     b.add_argument("--plot-only", action="store_true", help="only draw the figures from the CSV")
     b.add_argument("--plot-dir", default="benchmarks/results", help="where the figures go")
