@@ -265,7 +265,7 @@ def test_flat_optimizer_is_a_layer_of_its_own():
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1] and opt._new_caps() == {1: 0.1}
     w = opt._buckets[0].w
     assert w.data_ptr() <= a.data_ptr() < w.data_ptr() + w.numel() * w.element_size()  # a view of the flat buffer
-    opt._count_step(changed=False)
+    opt._count_step()
     assert [opt.state[p]["step"].item() for p in (a, b)] == [1.0, 1.0]
     saved = opt.state_dict()
     assert saved["param_groups"][0]["search_state"] == {"optimizer": "FlatOptimizer"}

@@ -52,13 +52,9 @@ def run_tests(root: Path) -> dict[str, object]:
 def peak_memory(name: str, numel: int = 2**26, n_tensors: int = 8, steps: int = 3) -> dict[str, float]:
     """Bytes per parameter above the model's weights and gradients, on the GPU: at the peak (over building and
     ``steps`` steps) and after the steps."""
-    from lsfused.apps.memory import OPTIMIZERS, step_all
+    from lsfused.apps.memory import OPTIMIZERS, make_params, step_all
 
-    device = torch.device("cuda")
-    sizes = [numel // n_tensors + (i < numel % n_tensors) for i in range(n_tensors)]
-    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    params = make_params(numel, n_tensors, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

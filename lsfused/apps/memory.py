@@ -52,10 +52,7 @@ def measure_here(name: str, numel: int, n_tensors: int, dtype: torch.dtype, step
     _steps(OPTIMIZERS[name], [torch.nn.Parameter(torch.randn(64).to(dtype))], 1)  # what a process pays once
     fixed = _resident() - start
     torch.manual_seed(0)
-    sizes = [numel // n_tensors + (i < numel % n_tensors) for i in range(n_tensors)]
-    params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    params = make_params(numel, n_tensors, dtype)
     before = _resident()
     readings = _steps(OPTIMIZERS[name], params, steps)
     return {
@@ -64,6 +61,17 @@ def measure_here(name: str, numel: int, n_tensors: int, dtype: torch.dtype, step
         "steps": (readings[-1] - before) / numel,
         "peak_reading": (max(readings) - before) / numel,
     }
+
+
+def make_params(
+    numel: int, n_tensors: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> list[torch.nn.Parameter]:
+    """``numel`` parameters in ``n_tensors`` tensors, with gradients: a model's own memory, before an optimizer."""
+    sizes = [numel // n_tensors + (i < numel % n_tensors) for i in range(n_tensors)]
+    params = [torch.nn.Parameter(torch.randn(n, device=device).to(dtype)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
 
 
 def _steps(make: Callable, params: list[torch.nn.Parameter], steps: int) -> list[int]:

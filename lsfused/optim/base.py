@@ -101,6 +101,9 @@ class LineSearchOptimizer(FlatOptimizer):
     def _check_run_state(self, search: dict[str, Any]) -> None:
         checkpoint.checked_run_state(search)
 
+    def _state_moves_each_step(self) -> bool:  # the loss scale and skip_trials' counters do too
+        return self._scaler is not None or bool(self.skip_trials) or super()._state_moves_each_step()
+
     def _load_run_state(self, search: dict[str, Any]) -> None:
         self._seed = search["seed"]
         if self._scaler is not None and search["loss_scale"] is not None:
@@ -135,7 +138,7 @@ class LineSearchOptimizer(FlatOptimizer):
         for b in self._buckets:
             b.zero_grad()
         if self.deterministic_closure:
-            self._captured = (self._step_count, rng.capture(rng.generators([b.device for b in self._buckets])))
+            self._captured = (self._step_count, rng.capture(self._generators()))
 
     # ------------------------------------------------------------------ Pass A, for subclasses
 
@@ -287,8 +290,10 @@ class LineSearchOptimizer(FlatOptimizer):
     def _seeded(self, step: int, states: list[Tensor] | None = None) -> Any:
         """The RNG state every closure call of step ``step`` runs under (``states``: generator states to replay, else
         the step's seed); the caller's state is restored after."""
-        gens = rng.generators([b.device for b in self._buckets])
-        return rng.seeded(gens, (self._seed + step) % (2**62), states)
+        return rng.seeded(self._generators(), (self._seed + step) % (2**62), states)
+
+    def _generators(self) -> list[torch.Generator]:
+        return rng.generators([b.device for b in self._buckets])
 
     @contextmanager
     def _step_random_state(self, step: int, states: list[Tensor] | None = None) -> Iterator[None]:
@@ -473,11 +478,10 @@ class LineSearchOptimizer(FlatOptimizer):
         return start.detach()
 
     def _check(self, closure: Closure | None, loss: Tensor | None) -> tuple[Any, Tensor, float, float | None]:
-        """Refuse bad input before anything changes: the closure, the parameters, the loss and the gradient (unscaled
-        and clipped here). Returns the closure runner, the loss tensor and ``f(w0)``, and the gradient's norm (None:
-        a loss-scale overflow, the step is skipped); then commits what the checks accepted: a scheduled (or
-        hand-set) ``"lr"`` caps this step and the next ones, and the loss dtype and (``estimate_noise``) the
-        evaluation noise set the rounding bound."""
+        """Refuse bad input before anything changes (closure, parameters, loss, gradient: unscaled and clipped here).
+        Returns the closure runner, the loss tensor, ``f(w0)`` and the gradient's norm (None: a loss-scale overflow,
+        the step is skipped); then commits what the checks accepted: a scheduled (or hand-set) ``"lr"`` caps this
+        step and the next; the loss dtype and (``estimate_noise``) the evaluation noise set the rounding bound."""
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step() requires a closure that returns the loss")
         if not callable(closure):
@@ -543,8 +547,7 @@ class LineSearchOptimizer(FlatOptimizer):
         """Pass A and the search as a transaction: whatever the block raises ends the step as ``"interrupted"`` (see
         ``step()``), then propagates. Yields the list in which ``_pass_a`` records that it ran."""
         before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state(), self._skipper.state())
-        progress: list[str] = []
-        calls = run.calls
+        progress, calls = [], run.calls
         self._skip_plan = self._skipper.plan() if self.skip_trials else None
         self._skip_event = None
         with transaction.undone_on_error(
@@ -564,7 +567,7 @@ class LineSearchOptimizer(FlatOptimizer):
             group["step_size"] = eta
         self._load_extra_state(extra)
         self._skipper.load(skipping)
-        self._count_step(self._scaler is not None or bool(self.skip_trials))
+        self._count_step()
         interrupted = SearchResult("interrupted", 0.0, trials, None, type(err).__name__)
         self._record(run, f0, interrupted, step_sizes)
         if self._recorder is not None and pass_a_done:
@@ -574,7 +577,7 @@ class LineSearchOptimizer(FlatOptimizer):
         """Count the step, record what the search ``found`` (result, searched groups, merge) in ``last_step``,
         publish the step sizes in ``"lr"``, and say once when the caller's gradient looks still scaled."""
         result, searched, merged = found
-        self._count_step(self._scaler is not None or bool(self.skip_trials))
+        self._count_step()
         skipped, passed = self._skip_event or (None, None)
         skip = {"trial_skipped": skipped == "skip", "skip_rule": self._skip_plan if skipped else None}
         skip["skipped_trial_passed"] = passed if skipped == "skip" else None
@@ -588,10 +591,9 @@ class LineSearchOptimizer(FlatOptimizer):
         if self._recorder is not None:
             self._recorder.end_step(self, self.last_step)
 
-    def _record(self, run: Any, f0: float, result: SearchResult, sizes: tuple | None = None, **fields: Any) -> None:
+    def _record(self, run: Any, f0: float, result: SearchResult, sizes: tuple | None = None, searched=(), **fields):
         """``last_step``: the step just ended (``sizes``: its step sizes, default the current ones)."""
         sizes = sizes if sizes is not None else tuple(float(g["step_size"]) for g in self.param_groups)
-        searched = fields.pop("searched", ())
         self.last_step = StepRecord(
             self._step_count, f0, result.trial_loss, sizes, searched, result.trials, result.outcome, run.calls,
             reason=result.reason, **fields,

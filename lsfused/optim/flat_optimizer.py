@@ -289,12 +289,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         if tensors:
             self.state[self.param_groups[0]["params"][0]].update(tensors)
 
-    def _count_step(self, changed: bool) -> None:
-        """One more step for the optimizer and every group; ``changed``: the optimizer-wide state may have changed
-        (else only the step counts did)."""
+    def _state_moves_each_step(self) -> bool:
+        """Whether the optimizer-wide state can change from step to step (else only the step counts do): a
+        subclass's own ``_extra_state``."""
+        return type(self)._extra_state is not FlatOptimizer._extra_state
+
+    def _count_step(self) -> None:
+        """One more step for the optimizer and every group."""
         self._step_count += 1
         self._steps.add_(1)  # one op for every group's step
-        if changed or type(self)._extra_state is not FlatOptimizer._extra_state:
+        if self._state_moves_each_step():
             self._sync_search_state()
 
     # ------------------------------------------------------------------ copy and pickle
