@@ -1,8 +1,8 @@
 """What bounds the cpp backend's Pass A on this CPU: the fused Pass A (fp32, ``betas[0] = 0``, with the
 first trial) timed as an optimizer runs it (without the sums gg and dd, which only a recorder asks for), with them,
 and with parts of its arithmetic removed, in the L2 cache (one thread) and on a
-bert-base-sized buffer (all threads); and the other side of "store d or recompute it": Pass A without the store of
-d, a Pass B that reads d, and a trial that recomputes d from g and v.
+bert-base-sized buffer (all threads); and beside it the trial (Pass B), which recomputes d from g and v (reads w0, g,
+v; writes w), in each variant (the divider edits apply to it too: the direction is one shared helper).
 
 The variants are textual edits of a copy of ``csrc/cpu_kernels_impl.h`` (each must match exactly once, so a kernel
 change makes this script fail rather than measure something else), compiled with the extension's flags plus AVX2
@@ -29,11 +29,10 @@ from _results import write_csv  # noqa: E402 - benchmarks/, this script's folder
 
 FLAGS = [*_cpp_build.CXX_FLAGS, "-mavx2"]  # the whole driver is the AVX2 copy, as ops.cpp picks on this CPU
 
-DIV = ("vsqrt(vv) / sqrt_bc2 + eps", "vv * sqrt_bc2 + eps")  # drops the sqrt and one division
-DIV_D = ("dv = -(gs / denom);", "dv = -(gs * denom);")
+DIV = ("vsqrt(v) / h.sqrt_bc2 + h.eps", "v * h.sqrt_bc2 + h.eps")  # drops the sqrt and one division
+DIV_D = ("return -(x / denom);", "return -(x * denom);")
 DIV_S = ("s = g64 * g64 / to_f64(denom);", "s = g64 * g64 * to_f64(denom);")
 SUM_GD = [("    acc_gd = acc_gd + gd;\n", "")]
-STORE_D = [("    store_n<NT>(d + i, dv, cnt);\n", "")]
 # name -> (edits, all_sums)
 VARIANTS = {
     "as shipped": ([], False),
@@ -41,7 +40,6 @@ VARIANTS = {
     "no divider ops (sqrt, 3 divisions)": ([DIV, DIV_D, DIV_S], False),
     "no float64 sums but s": (SUM_GD, False),
     "no divider ops, no sums but s": ([DIV, DIV_D, DIV_S, *SUM_GD], False),
-    "no store of d": (STORE_D, False),
 }
 
 DRIVER = r"""
@@ -56,33 +54,20 @@ DRIVER = r"""
 #include "cpu_kernels_impl.h"
 using namespace lsfused;
 
-// A trial that recomputes d = -(g / (sqrt(v)/sqrt_bc2 + eps)) instead of reading it (reads w0, g, v; writes w).
-// n is a multiple of 8 here (checked by the script), so there is no tail; it streams w as Pass B does.
-static void recompute_trial(const float* g, const float* v, const float* w0, float* w, long b, long n, float eta,
-                            bool stream) {
-  for (long i = b; i < b + n; i += kLanes) {
-    const F gs = Param<float>::load(g + i), vv = Param<float>::load(v + i);
-    const F denom = vsqrt(vv) / 0.0316f + 1e-8f;
-    const F x = Param<float>::load(w0 + i) + eta * (-(gs / denom));
-    if (stream) Param<float>::store_nt(w + i, x);
-    else Param<float>::store(w + i, x);
-  }
-  if (stream) stream_fence();
-}
-
 int main(int argc, char** argv) {
   const long n = atol(argv[1]);
   const int reps = atoi(argv[2]);
   const bool all_sums = atoi(argv[3]) != 0;
-  float* buf[5];
+  float* buf[4];
   for (auto& p : buf) p = static_cast<float*>(aligned_alloc(64, n * sizeof(float)));
-  float *g = buf[0], *w = buf[1], *w0 = buf[2], *d = buf[3], *v = buf[4];
+  float *g = buf[0], *w = buf[1], *w0 = buf[2], *v = buf[3];
 #pragma omp parallel for
   for (long i = 0; i < n; ++i) {
     g[i] = ((i * 2654435761u) % 1000 / 1000.0f - 0.5f) * 1e-3f;
-    w[i] = 0.5f, v[i] = 1e-8f, w0[i] = 0.0f, d[i] = 0.0f;
+    w[i] = 0.5f, v[i] = 1e-8f, w0[i] = 0.0f;
   }
-  const PassAPtrs ptr{g, w, w0, d, v, nullptr, nullptr};
+  const PassAPtrs ptr{g, w, w0, v, nullptr};
+  const TrialPtrs trial{w, w0, g, v, nullptr};
   Hp hp{0.0, 0.999, 1e-8, 1.0, 0.0316, 1.0, 1e-3, 1};
   hp.all_sums = all_sums;
   const long chunk = 1 << 16;
@@ -101,9 +86,8 @@ int main(int argc, char** argv) {
     kT.pass_a(DType::kF32, 1, ptr, c, m, hp, out, false);
   });
   const bool stream = n >= (1L << 21);  // ops.cpp's kStreamFrom
-  const double b = best_ms([&](long c, long m) { kT.trial_step(DType::kF32, w, w0, d, 1e-3, c, m, stream); });
-  const double t = best_ms([&](long c, long m) { recompute_trial(g, v, w0, w, c, m, 1e-3f, stream); });
-  printf("%.4f %.4f %.4f\n", a, b, t);
+  const double b = best_ms([&](long c, long m) { kT.trial_step(DType::kF32, 1, trial, c, m, hp, false, stream); });
+  printf("%.4f %.4f\n", a, b);
 }
 """
 
@@ -129,7 +113,6 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     runs = [("in L2", 16384, 20000, 1), ("bert-base", 109_500_000, 3, threads)]
-    assert all(n % 8 == 0 for _, n, _, _ in runs), "the driver's recomputing trial has no tail"
     with tempfile.TemporaryDirectory() as tmp:
         exes = {}
         for name, (variant, all_sums) in VARIANTS.items():
@@ -147,13 +130,13 @@ def main() -> None:
                     times = [float(x) for x in out.stdout.split()]
                     best[name] = [min(a, b) for a, b in zip(best.get(name, times), times, strict=True)]
             base = best["as shipped"][0]
-            for name, (pass_a, pass_b, recompute) in best.items():
+            for name, (pass_a, trial) in best.items():
                 ns = pass_a * 1e6 / n * nthreads
                 row = dict(where=where, variant=name, threads=nthreads, pass_a_ms=pass_a, ns_per_elem_thread=ns,
-                           of_shipped=pass_a / base, pass_b_ms=pass_b, recompute_trial_ms=recompute)  # fmt: skip
+                           of_shipped=pass_a / base, trial_ms=trial)  # fmt: skip
                 rows.append(row)
                 print(f"{where:<10} {name:<38} Pass A {pass_a:9.3f} ms {ns:6.3f} ns/elem/thread {pass_a / base:5.2f}x"
-                      f" | Pass B {pass_b:8.3f} ms, recomputing trial {recompute:8.3f} ms", flush=True)  # fmt: skip
+                      f" | trial {trial:8.3f} ms", flush=True)  # fmt: skip
     write_csv(args.out, rows)
 
 

@@ -302,26 +302,81 @@ LSF_INLINE void stream_fence() {
 #endif
 }
 
+// ---------------------------------------------------------------- the search direction
+// The only place d and dm are computed (reference.direction): Pass A, the trials and the absorbed count all go
+// through these, so a direction recomputed from the stored g, v, m is bit for bit the one Pass A summed and tried.
+template <class S>
+struct DirHp {  // the direction's hyperparameters, rounded to the state dtype as the reference's scalar operands
+  S eps, bc1, sqrt_bc2;
+  explicit DirHp(const Hp& hp) : eps(S(hp.eps)), bc1(S(hp.bc1)), sqrt_bc2(S(hp.sqrt_bc2)) {}
+};
+template <class V, class S>
+LSF_INLINE V adam_denom(V v, const DirHp<S>& h) {
+  return vsqrt(v) / h.sqrt_bc2 + h.eps;
+}
+// d = -(g/denom) (x = g); with DM, dm = -((x/bc1)/denom), x = m, or g without momentum.
+template <bool DM, class V, class S>
+LSF_INLINE V adam_dir(V x, V denom, const DirHp<S>& h) {
+  if constexpr (DM) {
+    return -((x / h.bc1) / denom);
+  } else {
+    return -(x / denom);
+  }
+}
+template <class V>
+LSF_INLINE V sgd_dir(V g) {
+  return -g;
+}
+
+// Which direction a trial or the absorbed count recomputes.
+enum DirKind : int { kDirSgd, kDirD, kDirDmOfG, kDirDmOfM };
+template <int K>
+struct DirTag {
+  static constexpr int value = K;
+};
+template <class F>
+LSF_INLINE void with_dir(int mode, bool along_dm, bool has_m, F&& f) {
+  if (mode == 0) return f(DirTag<kDirSgd>{});  // the launcher refused along_dm for SGD
+  if (!along_dm) return f(DirTag<kDirD>{});
+  if (has_m) return f(DirTag<kDirDmOfM>{});
+  f(DirTag<kDirDmOfG>{});
+}
+
+// The direction of the block at i (cnt < kLanes: a zero-padded tail, whose padding lanes may hold 0/0 or -0).
+template <int DIR, class P, class S = typename Param<P>::S>
+LSF_INLINE typename Param<P>::V direction_at(const P* g, const S* v, const S* m, int64_t i, int cnt,
+                                             const DirHp<S>& h) {
+  const auto gs = load_n(g + i, cnt);
+  if constexpr (DIR == kDirSgd) {
+    return sgd_dir(gs);
+  } else {
+    const auto denom = adam_denom(load_n(v + i, cnt), h);
+    if constexpr (DIR == kDirDmOfM) return adam_dir<true>(load_n(m + i, cnt), denom, h);
+    return adam_dir<DIR == kDirDmOfG>(gs, denom, h);
+  }
+}
+
 // ---------------------------------------------------------------- Pass A
-// NT: stream the write-only outputs w0, d, dm (and w with a trial; large buffers: nothing to gain from caching them).
-// TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm, from the values just stored (the op
+// NT: stream the write-only output w0 (and w with a trial; large buffers: nothing to gain from caching them).
+// TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm, from the values just computed (the op
 // order of trial_step_t, so bit-identical to Pass A followed by Pass B).
+// GDM: the optimizer has a momentum direction (hp.with_dm): the sum gdm, and a trial along dm.
 // ALL: also the sums gg and dd (hp.all_sums), which no decision uses.
-template <class P, bool ADAM, bool HAS_M, bool HAS_DM, bool NT, int TRIAL, bool ALL>
+template <class P, bool ADAM, bool HAS_M, bool GDM, bool NT, int TRIAL, bool ALL>
 void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
   using S = typename Param<P>::S;
   using V = typename Param<P>::V;
-  static_assert(TRIAL != 2 || HAS_DM, "a trial along dm needs dm");
+  static_assert(TRIAL != 2 || GDM, "a trial along dm needs a momentum direction");
+  static_assert(ADAM || !GDM, "SGD has no momentum direction");
   const P* g = static_cast<const P*>(ptr.g) + begin;
   P* w = static_cast<P*>(ptr.w) + begin;
   S* w0 = static_cast<S*>(ptr.w0) + begin;
-  S* d = static_cast<S*>(ptr.d) + begin;
   S* v = ADAM ? static_cast<S*>(ptr.v) + begin : nullptr;
   S* m = HAS_M ? static_cast<S*>(ptr.m) + begin : nullptr;
-  S* dm = HAS_DM ? static_cast<S*>(ptr.dm) + begin : nullptr;
   // Hyperparameters rounded to the state dtype, as the reference's scalar operands are (1-b computed in float64).
   const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
-  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale), eta = S(hp.eta);
+  const S wd = S(hp.wd_scale), eta = S(hp.eta);
+  const DirHp<S> dh(hp);
   D acc_s = {}, acc_gg = {}, acc_gd = {}, acc_dd = {}, acc_gdm = {};
 
   auto block = [&](int64_t i, int cnt) __attribute__((always_inline)) {
@@ -331,32 +386,29 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
     store_n<NT>(w0 + i, w0v, cnt);
     const D g64 = to_f64(gs);
     D s, gdm = {};
-    V dv, dmv_kept;
+    V dv, dmv = {};
     if constexpr (ADAM) {
       V vv = load_n(v + i, cnt);
       vv = vv * b2 + (gs * omb2) * gs;
       store_n(v + i, vv, cnt);
-      const V denom = vsqrt(vv) / sqrt_bc2 + eps;
-      dv = -(gs / denom);
+      const V denom = adam_denom(vv, dh);
+      dv = adam_dir<false>(gs, denom, dh);
       s = g64 * g64 / to_f64(denom);
       V src = gs;
       if constexpr (HAS_M) {
         src = load_n(m + i, cnt) * b1 + gs * omb1;
         store_n(m + i, src, cnt);
       }
-      if constexpr (HAS_DM) {
-        const V dmv = -((src / bc1) / denom);
-        store_n<NT>(dm + i, dmv, cnt);
-        dmv_kept = dmv;
+      if constexpr (GDM) {
+        dmv = adam_dir<true>(src, denom, dh);
         gdm = g64 * to_f64(dmv);
       }
     } else {
-      dv = -gs;
+      dv = sgd_dir(gs);
       s = g64 * g64;
     }
-    store_n<NT>(d + i, dv, cnt);
     if constexpr (TRIAL == 1) store_n<NT>(w + i, w0v + eta * dv, cnt);
-    if constexpr (TRIAL == 2) store_n<NT>(w + i, w0v + eta * dmv_kept, cnt);
+    if constexpr (TRIAL == 2) store_n<NT>(w + i, w0v + eta * dmv, cnt);
     const D d64 = to_f64(dv);
     D gg = g64 * g64, gd = g64 * d64, dd = d64 * d64;
     if (cnt < kLanes) {  // padding lanes may hold 0/0: keep them out of the sums
@@ -366,11 +418,11 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
         gg = keep_first(gg, cnt);
         dd = keep_first(dd, cnt);
       }
-      if constexpr (HAS_DM) gdm = keep_first(gdm, cnt);
+      if constexpr (GDM) gdm = keep_first(gdm, cnt);
     }
     acc_s = acc_s + s;
     acc_gd = acc_gd + gd;
-    if constexpr (HAS_DM) acc_gdm = acc_gdm + gdm;
+    if constexpr (GDM) acc_gdm = acc_gdm + gdm;
     if constexpr (ALL) {
       acc_gg = acc_gg + gg;
       acc_dd = acc_dd + dd;
@@ -391,7 +443,7 @@ void pass_a(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double
 // Only SGD's Pass A streams (streaming measured slower for Adam's, see ops.cpp), so Adam is instantiated without NT.
 template <class P, int TRIAL, bool ALL>
 void pass_a_adam(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out) {
-  const int key = (ptr.m != nullptr) * 2 + (ptr.dm != nullptr);
+  const int key = (ptr.m != nullptr) * 2 + hp.with_dm;
   switch (key) {
     case 0:
       if constexpr (TRIAL != 2) return pass_a<P, true, false, false, false, TRIAL, ALL>(ptr, begin, n, hp, out);
@@ -409,36 +461,41 @@ void pass_a_adam(const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, d
 template <class P, bool ALL>
 void pass_a_nt(int mode, const PassAPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, double* out, bool nt) {
   using S = typename Param<P>::S;
-  if (mode == 0) {  // SGD: no trial along dm (there is no dm)
+  if (mode == 0) {  // SGD: no momentum direction (the launcher refused with_dm)
     const bool trial = hp.trial == 1;
-    if (nt && streamable(static_cast<S*>(ptr.w0) + begin) && streamable(static_cast<S*>(ptr.d) + begin) &&
-        (!trial || streamable(static_cast<P*>(ptr.w) + begin))) {
+    if (nt && streamable(static_cast<S*>(ptr.w0) + begin) && (!trial || streamable(static_cast<P*>(ptr.w) + begin))) {
       if (trial) return pass_a<P, false, false, false, true, 1, ALL>(ptr, begin, n, hp, out);
       return pass_a<P, false, false, false, true, 0, ALL>(ptr, begin, n, hp, out);
     }
     if (trial) return pass_a<P, false, false, false, false, 1, ALL>(ptr, begin, n, hp, out);
     return pass_a<P, false, false, false, false, 0, ALL>(ptr, begin, n, hp, out);
   }
-  // The launcher checked that a trial along dm has dm.
+  // The launcher checked that a trial along dm has with_dm.
   if (hp.trial == 1) return pass_a_adam<P, 1, ALL>(ptr, begin, n, hp, out);
   if (hp.trial == 2) return pass_a_adam<P, 2, ALL>(ptr, begin, n, hp, out);
   pass_a_adam<P, 0, ALL>(ptr, begin, n, hp, out);
 }
 
 // ---------------------------------------------------------------- Pass B and restore
-template <class P, bool NT>
-void trial_step_t(P* w, const void* w0_, const void* d_, double eta, int64_t begin, int64_t n) {
+// w = w0 + eta*dir, dir recomputed from g, v (m) (reads w0, g, v [m]; writes w): one fused pass, no direction
+// buffer. NT: stream the stores of full blocks (the caller checked that w is aligned).
+template <class P, int DIR, bool NT>
+void trial_step_t(const TrialPtrs& ptr, int64_t begin, int64_t n, const Hp& hp) {
   using S = typename Param<P>::S;
-  const S* w0 = static_cast<const S*>(w0_) + begin;
-  const S* d = static_cast<const S*>(d_) + begin;
-  const S eta_s = S(eta);
+  P* w = static_cast<P*>(ptr.w) + begin;
+  const S* w0 = static_cast<const S*>(ptr.w0) + begin;
+  const P* g = static_cast<const P*>(ptr.g) + begin;
+  const S* v = DIR != kDirSgd ? static_cast<const S*>(ptr.v) + begin : nullptr;
+  const S* m = DIR == kDirDmOfM ? static_cast<const S*>(ptr.m) + begin : nullptr;
+  const DirHp<S> dh(hp);
+  const S eta = S(hp.eta);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    store_n<NT>(w + i, load_n(w0 + i, kLanes) + eta_s * load_n(d + i, kLanes), kLanes);
+    store_n<NT>(w + i, load_n(w0 + i, kLanes) + eta * direction_at<DIR>(g, v, m, i, kLanes, dh), kLanes);
   }
   if (i < n) {
     const int cnt = static_cast<int>(n - i);
-    store_n(w + i, load_n(w0 + i, cnt) + eta_s * load_n(d + i, cnt), cnt);
+    store_n(w + i, load_n(w0 + i, cnt) + eta * direction_at<DIR>(g, v, m, i, cnt, dh), cnt);
   }
   if (NT) stream_fence();
 }
@@ -454,43 +511,49 @@ void restore_t(P* w, const void* w0_, int64_t begin, int64_t n) {  // exact: w0 
 }
 
 template <class P>
-void trial_step_nt(void* w_, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {
-  P* w = static_cast<P*>(w_) + begin;
-  if (nt && streamable(w)) return trial_step_t<P, true>(w, w0, d, eta, begin, n);
-  trial_step_t<P, false>(w, w0, d, eta, begin, n);
-}
-
-template <class P>
 void restore_nt(void* w_, const void* w0, int64_t begin, int64_t n, bool nt) {
   P* w = static_cast<P*>(w_) + begin;
   if (nt && streamable(w)) return restore_t<P, true>(w, w0, begin, n);
   restore_t<P, false>(w, w0, begin, n);
 }
 
-// Per range [moving, absorbed]: elements with d != 0, and those of them where w equals w0 rounded to the param
-// dtype (reference.absorbed_counts). Zero-padded tails have d == 0, so they count nowhere.
-template <class P>
-void absorbed_t(const void* w_, const void* w0_, const void* d_, int64_t begin, int64_t n, int64_t* out) {
+// Per range [moving, absorbed]: elements with dir != 0 (dir recomputed as the trial did; not g != 0, which differs
+// where g/denom underflows), and those of them where w equals w0 rounded to the param dtype
+// (reference.absorbed_counts).
+template <class P, int DIR>
+void absorbed_t(const TrialPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, int64_t* out) {
   using S = typename Param<P>::S;
   using V = typename Param<P>::V;
   using M = decltype(V{}.v[0] != 0);  // lane mask: 0 or -1, as int32 (float) or int64 (double) lanes
   constexpr int kParts = sizeof(V{}.v) / sizeof(V{}.v[0]);
-  const P* w = static_cast<const P*>(w_) + begin;
-  const S* w0 = static_cast<const S*>(w0_) + begin;
-  const S* d = static_cast<const S*>(d_) + begin;
+  constexpr int kPer = kLanes / kParts;  // lanes per native vector
+  const P* w = static_cast<const P*>(ptr.w) + begin;
+  const S* w0 = static_cast<const S*>(ptr.w0) + begin;
+  const P* g = static_cast<const P*>(ptr.g) + begin;
+  const S* v = DIR != kDirSgd ? static_cast<const S*>(ptr.v) + begin : nullptr;
+  const S* m = DIR == kDirDmOfM ? static_cast<const S*>(ptr.m) + begin : nullptr;
+  const DirHp<S> dh(hp);
   M moving[kParts] = {}, absorbed[kParts] = {};
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int cnt = n - i < kLanes ? static_cast<int>(n - i) : kLanes;
-    const V wv = load_n(w + i, cnt), w0v = Param<P>::round(load_n(w0 + i, cnt)), dv = load_n(d + i, cnt);
+  auto block = [&](int64_t i, int cnt) __attribute__((always_inline)) {
+    const V wv = load_n(w + i, cnt), w0v = Param<P>::round(load_n(w0 + i, cnt));
+    const V dv = direction_at<DIR>(g, v, m, i, cnt, dh);
     for (int k = 0; k < kParts; ++k) {
-      const M mv = dv.v[k] != 0;  // true for NaN, as in torch
+      M mv = dv.v[k] != 0;  // true for NaN, as in torch
+      if (cnt < kLanes) {   // padding lanes: v = 0 gives denom = eps, 0/0 = NaN if eps == 0
+        M idx;
+        for (int j = 0; j < kPer; ++j) idx[j] = k * kPer + j;
+        mv &= idx < cnt;
+      }
       moving[k] -= mv;
       absorbed[k] -= mv & (wv.v[k] == w0v.v[k]);
     }
-  }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) block(i, kLanes);
+  if (i < n) block(i, static_cast<int>(n - i));
   out[0] = out[1] = 0;
   for (int k = 0; k < kParts; ++k) {
-    for (unsigned j = 0; j < sizeof(M) / sizeof(moving[k][0]); ++j) {
+    for (int j = 0; j < kPer; ++j) {
       out[0] += moving[k][j];
       out[1] += absorbed[k][j];
     }
@@ -553,16 +616,29 @@ void pass_a_any(DType t, int mode, const PassAPtrs& ptr, int64_t begin, int64_t 
   });
 }
 
-void trial_step_any(DType t, void* w, const void* w0, const void* d, double eta, int64_t begin, int64_t n, bool nt) {
-  with_dtype(t, [&](auto T) { trial_step_nt<typename decltype(T)::type>(w, w0, d, eta, begin, n, nt); });
+void trial_step_any(DType t, int mode, const TrialPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, bool along_dm,
+                    bool nt) {
+  with_dtype(t, [&](auto T) {
+    using P = typename decltype(T)::type;
+    with_dir(mode, along_dm, ptr.m != nullptr, [&](auto K) {
+      constexpr int DIR = decltype(K)::value;
+      if (nt && streamable(static_cast<P*>(ptr.w) + begin)) return trial_step_t<P, DIR, true>(ptr, begin, n, hp);
+      trial_step_t<P, DIR, false>(ptr, begin, n, hp);
+    });
+  });
 }
 
 void restore_any(DType t, void* w, const void* w0, int64_t begin, int64_t n, bool nt) {
   with_dtype(t, [&](auto T) { restore_nt<typename decltype(T)::type>(w, w0, begin, n, nt); });
 }
 
-void absorbed_any(DType t, const void* w, const void* w0, const void* d, int64_t begin, int64_t n, int64_t* out) {
-  with_dtype(t, [&](auto T) { absorbed_t<typename decltype(T)::type>(w, w0, d, begin, n, out); });
+void absorbed_any(DType t, int mode, const TrialPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, bool along_dm,
+                  int64_t* out) {
+  with_dtype(t, [&](auto T) {
+    with_dir(mode, along_dm, ptr.m != nullptr, [&](auto K) {
+      absorbed_t<typename decltype(T)::type, decltype(K)::value>(ptr, begin, n, hp, out);
+    });
+  });
 }
 
 int64_t grad_check_any(DType t, const void* g, int64_t begin, int64_t n, double* sumsq) {

@@ -4,6 +4,7 @@
 // intrinsic (__fmul_rn, __fdiv_rn, __fsqrt_rn, ...), which nvcc never contracts into an FMA, and the build also
 // passes --fmad=false. Sums: per-thread float64 accumulators, a fixed tree per block into a [blocks, 5] partial
 // buffer, then a second kernel adds the partials in a fixed order (no atomics): deterministic. One launch per range.
+// No absorbed-count kernel: cpp_ops.absorbed_counts runs the reference's off the CPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -37,6 +38,46 @@ __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, 
 __device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
+// The only place d and dm are computed (reference.direction): Pass A and the trials both go through these, so a
+// direction recomputed from the stored g, v, m is bit for bit the one Pass A summed and tried.
+template <class S>
+struct DirHp {  // the direction's hyperparameters, rounded to the state dtype
+  S eps, bc1, sqrt_bc2;
+  __device__ explicit DirHp(const HpArgs& hp) : eps(S(hp.eps)), bc1(S(hp.bc1)), sqrt_bc2(S(hp.sqrt_bc2)) {}
+};
+template <class S>
+__device__ __forceinline__ S adam_denom(S v, const DirHp<S>& h) {
+  return add(div(sqrt_rn(v), h.sqrt_bc2), h.eps);
+}
+// d = -(g/denom) (x = g); with DM, dm = -((x/bc1)/denom), x = m, or g without momentum.
+template <bool DM, class S>
+__device__ __forceinline__ S adam_dir(S x, S denom, const DirHp<S>& h) {
+  if constexpr (DM) {
+    return -div(div(x, h.bc1), denom);
+  } else {
+    return -div(x, denom);
+  }
+}
+template <class S>
+__device__ __forceinline__ S sgd_dir(S g) {
+  return -g;
+}
+
+// Which direction a trial recomputes.
+enum DirKind : int { kDirSgd, kDirD, kDirDmOfG, kDirDmOfM };
+
+template <int DIR, class P, class S>
+__device__ __forceinline__ S direction_at(const P* g, const S* v, const S* m, int64_t i, const DirHp<S>& h) {
+  const S gs = static_cast<S>(g[i]);
+  if constexpr (DIR == kDirSgd) {
+    return sgd_dir(gs);
+  } else {
+    const S denom = adam_denom(v[i], h);
+    if constexpr (DIR == kDirDmOfM) return adam_dir<true>(m[i], denom, h);
+    return adam_dir<DIR == kDirDmOfG>(gs, denom, h);
+  }
+}
+
 // Block-wide float64 sum of one value per thread, in a fixed tree order; the result is valid in thread 0.
 __device__ double block_sum(double x, double* shared) {
   shared[threadIdx.x] = x;
@@ -51,14 +92,16 @@ __device__ double block_sum(double x, double* shared) {
 }
 
 // TRIAL: the fused first trial, 0 none, 1 w = w0 + eta*d, 2 w = w0 + eta*dm (the op order of trial_step_kernel),
-// skipped when *eta is NaN (read on the device: no host sync).
-template <class P, class S, bool ADAM, bool HAS_M, bool HAS_DM, int TRIAL>
-__global__ void pass_a_kernel(const P* __restrict__ g, P* __restrict__ w, S* __restrict__ w0, S* __restrict__ d,
-                              S* __restrict__ v, S* __restrict__ m, S* __restrict__ dm, int64_t start, int64_t n,
-                              HpArgs hp, const double* __restrict__ eta, double* __restrict__ part) {
+// skipped when *eta is NaN (read on the device: no host sync). GDM: the optimizer has a momentum direction (the sum
+// gdm, a trial along dm).
+template <class P, class S, bool ADAM, bool HAS_M, bool GDM, int TRIAL>
+__global__ void pass_a_kernel(const P* __restrict__ g, P* __restrict__ w, S* __restrict__ w0, S* __restrict__ v,
+                              S* __restrict__ m, int64_t start, int64_t n, HpArgs hp, const double* __restrict__ eta,
+                              double* __restrict__ part) {
+  static_assert(TRIAL != 2 || GDM, "a trial along dm needs a momentum direction");
   __shared__ double shared[kThreads];
-  const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2);
-  const S eps = S(hp.eps), bc1 = S(hp.bc1), sqrt_bc2 = S(hp.sqrt_bc2), wd = S(hp.wd_scale);
+  const S b1 = S(hp.b1), omb1 = S(1.0 - hp.b1), b2 = S(hp.b2), omb2 = S(1.0 - hp.b2), wd = S(hp.wd_scale);
+  const DirHp<S> dh(hp);
   const bool trial = TRIAL != 0 && !isnan(*eta);
   const S eta_s = TRIAL != 0 ? static_cast<S>(*eta) : S(0);
   double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
@@ -73,30 +116,27 @@ __global__ void pass_a_kernel(const P* __restrict__ g, P* __restrict__ w, S* __r
     w0[i] = w0v;
     const double g64 = static_cast<double>(gs);
     double s, gdm = 0.0;
-    S dv, dmv_kept = S(0);
+    S dv, dmv = S(0);
     if constexpr (ADAM) {
       const S vv = add(mul(v[i], b2), mul(mul(gs, omb2), gs));
       v[i] = vv;
-      const S denom = add(div(sqrt_rn(vv), sqrt_bc2), eps);
-      dv = -div(gs, denom);
+      const S denom = adam_denom(vv, dh);
+      dv = adam_dir<false>(gs, denom, dh);
       s = __ddiv_rn(__dmul_rn(g64, g64), static_cast<double>(denom));
       S src = gs;
       if constexpr (HAS_M) {
         src = add(mul(m[i], b1), mul(gs, omb1));
         m[i] = src;
       }
-      if constexpr (HAS_DM) {
-        const S dmv = -div(div(src, bc1), denom);
-        dm[i] = dmv;
-        dmv_kept = dmv;
+      if constexpr (GDM) {
+        dmv = adam_dir<true>(src, denom, dh);
         gdm = __dmul_rn(g64, static_cast<double>(dmv));
       }
     } else {
-      dv = -gs;
+      dv = sgd_dir(gs);
       s = __dmul_rn(g64, g64);
     }
-    d[i] = dv;
-    if (TRIAL != 0 && trial) w[i] = static_cast<P>(add(w0v, mul(eta_s, TRIAL == 2 ? dmv_kept : dv)));
+    if (TRIAL != 0 && trial) w[i] = static_cast<P>(add(w0v, mul(eta_s, TRIAL == 2 ? dmv : dv)));
     const double d64 = static_cast<double>(dv);
     acc[0] = __dadd_rn(acc[0], s);
     acc[1] = __dadd_rn(acc[1], __dmul_rn(g64, g64));
@@ -121,17 +161,20 @@ __global__ void finish_sums_kernel(const double* __restrict__ part, int64_t bloc
   }
 }
 
-template <class P, class S>
-__global__ void trial_step_kernel(P* __restrict__ w, const S* __restrict__ w0, const S* __restrict__ d,
-                                  const double* __restrict__ eta, int64_t start, int64_t n) {
+// w = w0 + eta*dir, dir recomputed from g, v (m): reads w0, g, v [m], writes w.
+template <class P, class S, int DIR>
+__global__ void trial_step_kernel(P* __restrict__ w, const S* __restrict__ w0, const P* __restrict__ g,
+                                  const S* __restrict__ v, const S* __restrict__ m, int64_t start, int64_t n,
+                                  HpArgs hp, const double* __restrict__ eta) {
   const S eta_s = static_cast<S>(*eta);
+  const DirHp<S> dh(hp);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems + threadIdx.x;
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t local = base + k * kThreads;
     if (local >= n) break;
     const int64_t i = start + local;
-    w[i] = static_cast<P>(add(w0[i], mul(eta_s, d[i])));
+    w[i] = static_cast<P>(add(w0[i], mul(eta_s, direction_at<DIR>(g, v, m, i, dh))));
   }
 }
 
@@ -170,12 +213,16 @@ T* ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
 }
 
-at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tensor& w0, at::Tensor& d,
+HpArgs hp_row(at::ArrayRef<double> hp, int64_t r) {
+  const double* row = hp.data() + r * kHpColumns;
+  return HpArgs{row[0], row[1], row[2], row[3], row[4], row[5]};
+}
+
+at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tensor& w0,
                                     const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
-                                    const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
-                                    at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
-                                    bool trial_dm, bool all_sums) {
-  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
+                                    at::IntArrayRef ranges, at::ArrayRef<double> hp, int64_t mode, bool with_dm,
+                                    const std::optional<at::Tensor>& eta, bool trial_dm, bool all_sums) {
+  check_pass_a(g, w, w0, v, m, ranges, hp, mode, with_dm, eta, trial_dm);
   // The first trial's step sizes stay on the device (NaN: no trial on that range): no sync.
   const std::optional<at::Tensor> eta64 =
       eta.has_value() ? std::optional<at::Tensor>(eta->to(at::kDouble).contiguous()) : std::nullopt;
@@ -187,28 +234,27 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tens
   int64_t total_blocks = 0;
   for (int64_t r = 0; r < n_ranges; ++r) total_blocks += blocks_for(ranges[2 * r + 1] - ranges[2 * r]);
   at::Tensor part = at::empty({std::max<int64_t>(total_blocks, 1), kNormColumns}, out.options());
-  const bool adam = mode == kModeAdam, has_m = adam && m.has_value(), has_dm = adam && dm.has_value();
+  const bool adam = mode == kModeAdam, has_m = adam && m.has_value();
   dispatch(w.scalar_type(), [&](auto* p_tag, auto* s_tag) {
     using P = std::remove_pointer_t<decltype(p_tag)>;
     using S = std::remove_pointer_t<decltype(s_tag)>;
     const P* gp = static_cast<const P*>(g.data_ptr());
     P* wp = static_cast<P*>(w.data_ptr());
-    S *w0p = static_cast<S*>(w0.data_ptr()), *dp = static_cast<S*>(d.data_ptr());
-    S *vp = adam ? ptr<S>(v) : nullptr, *mp = ptr<S>(m), *dmp = ptr<S>(dm);
+    S* w0p = static_cast<S*>(w0.data_ptr());
+    S *vp = adam ? ptr<S>(v) : nullptr, *mp = has_m ? ptr<S>(m) : nullptr;
     int64_t offset = 0;
     for (int64_t r = 0; r < n_ranges; ++r) {
       const int64_t a = ranges[2 * r], n = ranges[2 * r + 1] - a;
       if (n == 0) continue;
-      const double* row = hp.data() + r * kHpColumns;
-      const HpArgs h{row[0], row[1], row[2], row[3], row[4], row[5]};
+      const HpArgs h = hp_row(hp, r);
       const unsigned blocks = blocks_for(n);
       double* pp = part.data_ptr<double>() + offset * kNormColumns;
       const double* ep = eta64.has_value() ? eta64->data_ptr<double>() + r : nullptr;
       auto launch = [&](auto kernel) {
-        kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, w0p, dp, vp, mp, dmp, a, n, h, ep, pp);
+        kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, w0p, vp, mp, a, n, h, ep, pp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      // A trial along dm only where dm exists (check_pass_a refused the rest).
+      // A trial along dm only with_dm (check_pass_a refused the rest).
       auto by_trial = [&](auto k0, auto k1, auto k2) {
         if (trial == 0) return launch(k0);
         if (trial == 1) return launch(k1);
@@ -217,13 +263,13 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tens
       if (!adam) {
         by_trial(pass_a_kernel<P, S, false, false, false, 0>, pass_a_kernel<P, S, false, false, false, 1>,
                  pass_a_kernel<P, S, false, false, false, 1>);
-      } else if (has_m && has_dm) {
+      } else if (has_m && with_dm) {
         by_trial(pass_a_kernel<P, S, true, true, true, 0>, pass_a_kernel<P, S, true, true, true, 1>,
                  pass_a_kernel<P, S, true, true, true, 2>);
       } else if (has_m) {
         by_trial(pass_a_kernel<P, S, true, true, false, 0>, pass_a_kernel<P, S, true, true, false, 1>,
                  pass_a_kernel<P, S, true, true, false, 1>);
-      } else if (has_dm) {
+      } else if (with_dm) {
         by_trial(pass_a_kernel<P, S, true, false, true, 0>, pass_a_kernel<P, S, true, false, true, 1>,
                  pass_a_kernel<P, S, true, false, true, 2>);
       } else {
@@ -239,22 +285,45 @@ at::Tensor direction_and_norms_cuda(const at::Tensor& g, at::Tensor& w, at::Tens
   return out;
 }
 
-void trial_step_cuda(at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
-                     const at::Tensor& eta) {
-  check_trial_step(w, w0, d, ranges, eta);
+void trial_step_cuda(at::Tensor& w, const at::Tensor& w0, const at::Tensor& g, const std::optional<at::Tensor>& v,
+                     const std::optional<at::Tensor>& m, at::IntArrayRef ranges, at::ArrayRef<double> hp,
+                     int64_t mode, const at::Tensor& eta, bool along_dm) {
+  check_direction(w, w0, g, v, m, ranges, hp, mode, along_dm);
+  check_eta(eta, w, ranges);
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor eta64 = eta.to(at::kDouble).contiguous();  // stays on the device: no sync
+  const bool adam = mode == kModeAdam;
+  const int dir = !adam ? kDirSgd : !along_dm ? kDirD : m.has_value() ? kDirDmOfM : kDirDmOfG;
   dispatch(w.scalar_type(), [&](auto* p_tag, auto* s_tag) {
     using P = std::remove_pointer_t<decltype(p_tag)>;
     using S = std::remove_pointer_t<decltype(s_tag)>;
+    P* wp = static_cast<P*>(w.data_ptr());
+    const S* w0p = static_cast<const S*>(w0.data_ptr());
+    const P* gp = static_cast<const P*>(g.data_ptr());
+    const S *vp = adam ? ptr<S>(v) : nullptr, *mp = adam ? ptr<S>(m) : nullptr;
     for (size_t r = 0; r < ranges.size() / 2; ++r) {
       const int64_t a = ranges[2 * r], n = ranges[2 * r + 1] - a;
       if (n == 0) continue;
-      trial_step_kernel<P, S><<<blocks_for(n), kThreads, 0, stream>>>(
-          static_cast<P*>(w.data_ptr()), static_cast<const S*>(w0.data_ptr()), static_cast<const S*>(d.data_ptr()),
-          eta64.data_ptr<double>() + r, a, n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const HpArgs h = hp_row(hp, static_cast<int64_t>(r));
+      const double* ep = eta64.data_ptr<double>() + r;
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks_for(n), kThreads, 0, stream>>>(wp, w0p, gp, vp, mp, a, n, h, ep);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (dir) {
+        case kDirSgd:
+          launch(trial_step_kernel<P, S, kDirSgd>);
+          break;
+        case kDirD:
+          launch(trial_step_kernel<P, S, kDirD>);
+          break;
+        case kDirDmOfG:
+          launch(trial_step_kernel<P, S, kDirDmOfG>);
+          break;
+        default:
+          launch(trial_step_kernel<P, S, kDirDmOfM>);
+      }
     }
   });
 }

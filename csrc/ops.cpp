@@ -82,9 +82,9 @@ struct Chunk {
 
 // From this many elements per call on, write-only outputs of the memory-bound kernels (Pass B, restore, SGD Pass A)
 // are streamed past the caches: they would not stay there, and streaming skips reading each line before writing
-// it (about 25% less traffic). Adam's Pass A does not stream: streaming d and w0 measured slower at bert-base size
-// on the Zen 1 VM used here (74-75 ms against 69-70 ms; benchmarks/README.md), where that pass is compute-bound in
-// the caches (the divider, the float64 sums) and near the memory limit beyond.
+// it (about 25% less traffic). Adam's Pass A does not stream: streaming its outputs (then d and w0) measured
+// slower at bert-base size on the Zen 1 VM used here (74-75 ms against 69-70 ms; benchmarks/README.md), where that
+// pass is compute-bound in the caches (the divider, the float64 sums) and near the memory limit beyond.
 constexpr int64_t kStreamFrom = int64_t{1} << 21;
 
 int64_t total(const std::vector<Chunk>& chunks) {
@@ -111,32 +111,40 @@ void for_chunks(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
-void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tensor& w0, at::Tensor& d,
+Hp hp_row(at::ArrayRef<double> hp, int64_t range) {
+  const double* row = hp.data() + range * kHpColumns;
+  return Hp{row[0], row[1], row[2], row[3], row[4], row[5]};
+}
+
+// One float64 step size per range, read on the host.
+std::vector<double> etas_of(const at::Tensor& eta, int64_t n_ranges) {
+  const at::Tensor eta64 = eta.to(at::kDouble).contiguous();
+  return std::vector<double>(eta64.data_ptr<double>(), eta64.data_ptr<double>() + n_ranges);
+}
+
+at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tensor& w0,
                                    const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
-                                   const std::optional<at::Tensor>& dm, at::IntArrayRef ranges,
-                                   at::ArrayRef<double> hp, int64_t mode, const std::optional<at::Tensor>& eta,
-                                   bool trial_dm, bool all_sums) {
-  check_pass_a(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm);
+                                   at::IntArrayRef ranges, at::ArrayRef<double> hp, int64_t mode, bool with_dm,
+                                   const std::optional<at::Tensor>& eta, bool trial_dm, bool all_sums) {
+  check_pass_a(g, w, w0, v, m, ranges, hp, mode, with_dm, eta, trial_dm);
   const int64_t n_ranges = static_cast<int64_t>(ranges.size() / 2);
   const auto chunks = chunks_of(ranges);
   std::vector<double> part(chunks.size() * kNormColumns);
   const bool adam = mode == kModeAdam;
-  const PassAPtrs ptrs{g.data_ptr(), w.data_ptr(), w0.data_ptr(), d.data_ptr(), adam ? ptr_or_null(v) : nullptr,
-                       adam ? ptr_or_null(m) : nullptr, adam ? ptr_or_null(dm) : nullptr};
+  const PassAPtrs ptrs{g.data_ptr(), w.data_ptr(), w0.data_ptr(), adam ? v->data_ptr() : nullptr,
+                       adam && m.has_value() ? m->data_ptr() : nullptr};
   const DType code = dtype_code(g.scalar_type());
   const KernelTable& kern = cpu_kernels();
   const bool stream = !adam && total(chunks) >= kStreamFrom;
   // The first trial's step size per range (NaN: no trial there).
-  std::vector<double> etas(n_ranges, std::numeric_limits<double>::quiet_NaN());
-  if (eta.has_value()) {
-    const at::Tensor eta64 = eta->to(at::kDouble).contiguous();
-    std::copy_n(eta64.data_ptr<double>(), n_ranges, etas.begin());
-  }
+  const std::vector<double> etas = eta.has_value()
+                                       ? etas_of(*eta, n_ranges)
+                                       : std::vector<double>(n_ranges, std::numeric_limits<double>::quiet_NaN());
   for_chunks(chunks, [&](int64_t k, const Chunk& c) {
-    const double* row = hp.data() + c.range * kHpColumns;
-    Hp h{row[0], row[1], row[2], row[3], row[4], row[5]};
+    Hp h = hp_row(hp, c.range);
+    h.with_dm = with_dm;
     h.all_sums = all_sums;
     if (!std::isnan(etas[c.range])) {
       h.eta = etas[c.range];
@@ -153,17 +161,28 @@ at::Tensor direction_and_norms_cpu(const at::Tensor& g, at::Tensor& w, at::Tenso
   return out;
 }
 
-void trial_step_cpu(at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
-                    const at::Tensor& eta) {
-  check_trial_step(w, w0, d, ranges, eta);
-  const at::Tensor eta64 = eta.to(at::kDouble).contiguous();
-  const double* e = eta64.data_ptr<double>();
+TrialPtrs trial_ptrs(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& g,
+                     const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m, int64_t mode) {
+  const bool adam = mode == kModeAdam;
+  return TrialPtrs{w.data_ptr(), w0.data_ptr(), g.data_ptr(), adam ? v->data_ptr() : nullptr,
+                   adam ? ptr_or_null(m) : nullptr};
+}
+
+void trial_step_cpu(at::Tensor& w, const at::Tensor& w0, const at::Tensor& g, const std::optional<at::Tensor>& v,
+                    const std::optional<at::Tensor>& m, at::IntArrayRef ranges, at::ArrayRef<double> hp,
+                    int64_t mode, const at::Tensor& eta, bool along_dm) {
+  check_direction(w, w0, g, v, m, ranges, hp, mode, along_dm);
+  check_eta(eta, w, ranges);
+  const std::vector<double> etas = etas_of(eta, static_cast<int64_t>(ranges.size() / 2));
+  const TrialPtrs ptrs = trial_ptrs(w, w0, g, v, m, mode);
   const DType code = dtype_code(w.scalar_type());
   const KernelTable& kern = cpu_kernels();
   const auto chunks = chunks_of(ranges);
   const bool stream = total(chunks) >= kStreamFrom;
   for_chunks(chunks, [&](int64_t, const Chunk& c) {
-    kern.trial_step(code, w.data_ptr(), w0.data_ptr(), d.data_ptr(), e[c.range], c.begin, c.end - c.begin, stream);
+    Hp h = hp_row(hp, c.range);
+    h.eta = etas[c.range];
+    kern.trial_step(code, static_cast<int>(mode), ptrs, c.begin, c.end - c.begin, h, along_dm, stream);
   });
 }
 
@@ -178,15 +197,18 @@ void restore_cpu(at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ranges) {
   });
 }
 
-at::Tensor absorbed_counts_cpu(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges) {
-  check_restore(w, w0, ranges);
-  check_buffer(d, "d", w0.scalar_type(), w);
+at::Tensor absorbed_counts_cpu(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& g,
+                               const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
+                               at::IntArrayRef ranges, at::ArrayRef<double> hp, int64_t mode, bool along_dm) {
+  check_direction(w, w0, g, v, m, ranges, hp, mode, along_dm);
+  const TrialPtrs ptrs = trial_ptrs(w, w0, g, v, m, mode);
   const auto chunks = chunks_of(ranges);
   std::vector<int64_t> part(chunks.size() * 2);
   const DType code = dtype_code(w.scalar_type());
   const KernelTable& kern = cpu_kernels();
   for_chunks(chunks, [&](int64_t k, const Chunk& c) {
-    kern.absorbed(code, w.data_ptr(), w0.data_ptr(), d.data_ptr(), c.begin, c.end - c.begin, &part[2 * k]);
+    kern.absorbed(code, static_cast<int>(mode), ptrs, c.begin, c.end - c.begin, hp_row(hp, c.range), along_dm,
+                  &part[2 * k]);
   });
   at::Tensor out = at::zeros({static_cast<int64_t>(ranges.size() / 2), 2}, w.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
@@ -223,45 +245,38 @@ std::string cpu_isa() { return cpu_kernels().isa; }
 
 }  // namespace
 
-at::ScalarType check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d,
-                            const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
-                            const std::optional<at::Tensor>& dm, at::IntArrayRef ranges, at::ArrayRef<double> hp,
-                            int64_t mode, const std::optional<at::Tensor>& eta, bool trial_dm) {
+at::ScalarType check_direction(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& g,
+                               const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& m,
+                               at::IntArrayRef ranges, at::ArrayRef<double> hp, int64_t mode, bool along_dm) {
   TORCH_CHECK(mode == kModeSgd || mode == kModeAdam, "lsfused: mode must be 0 (SGD) or 1 (Adam), got ", mode);
+  TORCH_CHECK_VALUE(mode == kModeAdam || !along_dm, "lsfused: SGD has no momentum direction (dm)");
   const at::ScalarType sdt = state_dtype(w.scalar_type());
   check_buffer(w, "w", w.scalar_type(), w);
   check_buffer(g, "g", w.scalar_type(), w);
   check_buffer(w0, "w0", sdt, w);
-  check_buffer(d, "d", sdt, w);
   if (mode == kModeAdam) {
     TORCH_CHECK(v.has_value(), "lsfused: Adam mode needs the second moment v");
     check_buffer(*v, "v", sdt, w);
     if (m.has_value()) check_buffer(*m, "m", sdt, w);
-    if (dm.has_value()) check_buffer(*dm, "dm", sdt, w);
   }
   check_ranges(ranges, w.numel());
   TORCH_CHECK(hp.size() == ranges.size() / 2 * kHpColumns, "lsfused: hp must hold ", kHpColumns,
               " values per range, got ", hp.size(), " for ", ranges.size() / 2, " ranges");
-  if (eta.has_value()) {
-    TORCH_CHECK(eta->device() == w.device(), "lsfused: eta is on ", eta->device(), ", expected ", w.device());
-    TORCH_CHECK(eta->dim() == 1 && eta->numel() >= static_cast<int64_t>(ranges.size() / 2),
-                "lsfused: eta needs one entry per range");
-    TORCH_CHECK(!trial_dm || (mode == kModeAdam && dm.has_value()),
-                "lsfused: a first trial along dm needs the momentum direction buffer dm");
-  }
   return sdt;
 }
 
-void check_trial_step(const at::Tensor& w, const at::Tensor& w0, const at::Tensor& d, at::IntArrayRef ranges,
-                      const at::Tensor& eta) {
-  const at::ScalarType sdt = state_dtype(w.scalar_type());
-  check_buffer(w, "w", w.scalar_type(), w);
-  check_buffer(w0, "w0", sdt, w);
-  check_buffer(d, "d", sdt, w);
-  check_ranges(ranges, w.numel());
+void check_eta(const at::Tensor& eta, const at::Tensor& w, at::IntArrayRef ranges) {
   TORCH_CHECK(eta.device() == w.device(), "lsfused: eta is on ", eta.device(), ", expected ", w.device());
   TORCH_CHECK(eta.dim() == 1 && eta.numel() >= static_cast<int64_t>(ranges.size() / 2),
               "lsfused: eta needs one entry per range");
+}
+
+void check_pass_a(const at::Tensor& g, const at::Tensor& w, const at::Tensor& w0, const std::optional<at::Tensor>& v,
+                  const std::optional<at::Tensor>& m, at::IntArrayRef ranges, at::ArrayRef<double> hp, int64_t mode,
+                  bool with_dm, const std::optional<at::Tensor>& eta, bool trial_dm) {
+  TORCH_CHECK_VALUE(!trial_dm || with_dm, "lsfused: trial_dm needs with_dm (an optimizer with a momentum direction)");
+  check_direction(w, w0, g, v, m, ranges, hp, mode, with_dm);
+  if (eta.has_value()) check_eta(*eta, w, ranges);
 }
 
 void mark_skipped_sums(at::Tensor& out) {
@@ -279,12 +294,15 @@ void check_restore(const at::Tensor& w, const at::Tensor& w0, at::IntArrayRef ra
 
 TORCH_LIBRARY(lsfused_cpp, m) {
   m.def(
-      "direction_and_norms(Tensor g, Tensor(f!) w, Tensor(a!) w0, Tensor(b!) d, Tensor(c!)? v, Tensor(d!)? m, "
-      "Tensor(e!)? dm, int[] ranges, float[] hp, int mode, Tensor? eta=None, bool trial_dm=False, "
-      "bool all_sums=True) -> Tensor");
-  m.def("trial_step(Tensor(a!) w, Tensor w0, Tensor d, int[] ranges, Tensor eta) -> ()");
+      "direction_and_norms(Tensor g, Tensor(a!) w, Tensor(b!) w0, Tensor(c!)? v, Tensor(d!)? m, int[] ranges, "
+      "float[] hp, int mode, bool with_dm=False, Tensor? eta=None, bool trial_dm=False, bool all_sums=True) -> Tensor");
+  m.def(
+      "trial_step(Tensor(a!) w, Tensor w0, Tensor g, Tensor? v, Tensor? m, int[] ranges, float[] hp, int mode, "
+      "Tensor eta, bool along_dm=False) -> ()");
   m.def("restore(Tensor(a!) w, Tensor w0, int[] ranges) -> ()");
-  m.def("absorbed_counts(Tensor w, Tensor w0, Tensor d, int[] ranges) -> Tensor");
+  m.def(
+      "absorbed_counts(Tensor w, Tensor w0, Tensor g, Tensor? v, Tensor? m, int[] ranges, float[] hp, int mode, "
+      "bool along_dm=False) -> Tensor");
   m.def("grad_check(Tensor g) -> (int, float)");
   m.def("cpu_isa() -> str", &lsfused::cpu_isa);
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lsfused import diagnostics
+from lsfused import diagnostics, reference
 from lsfused.apps import demo, diagnose
 
 OUT = Path(__file__).parent / "numerics"
@@ -28,13 +28,15 @@ def evaluate(model) -> tuple[float, float]:
 
 
 def anatomy_of_the_first_failure() -> dict:
-    """Stop the classic run at its first failed step (w is back at w0, d is still in the buffer) and evaluate the
-    loss along ``w0 + eta*d`` in float32 (as the optimizer saw it) and in float64 (the same weights, exact-ish)."""
+    """Stop the classic run at its first failed step (w is back at w0; g, v and the hyperparameters still give d) and
+    evaluate the loss along ``w0 + eta*d`` in float32 (as the optimizer saw it) and in float64 (the same weights,
+    exact-ish)."""
     result = diagnose.run("adamsls", "classic", EPOCHS, "linear", progress=False, stop_at_first="failed")
     step = result.rows[-1]["step"]
     x, y = result.batches[(step - 1) % len(result.batches)]
     (bucket,) = result.optimizer._buckets
-    w0, d = bucket.w0.clone(), bucket.d.clone()
+    w0 = bucket.w0.clone()
+    d = reference.direction(bucket.g, bucket.v, bucket.m, bucket.hp, result.optimizer._mode, False)
     model = result.model
     lines = []
     first_eta = result.rows[-1]["trials"][0]["eta"]

@@ -33,46 +33,44 @@ def implementation(backend: str) -> ModuleType:
         raise ValueError(f"no implementation of the lsfused ops for backend {backend!r}") from None
 
 
-@torch.library.custom_op("lsfused::direction_and_norms", mutates_args=("w0", "d", "v", "m", "dm"))
+@torch.library.custom_op("lsfused::direction_and_norms", mutates_args=("w0", "v", "m"))
 def direction_and_norms(
     g: Tensor,
     w: Tensor,
     w0: Tensor,
-    d: Tensor,
     v: Tensor | None,
     m: Tensor | None,
-    dm: Tensor | None,
     ranges: list[int],
     hp: list[float],
     kind: int,
+    with_dm: bool,
     backend: str,
     all_sums: bool = True,
 ) -> Tensor:
-    """Pass A over ``ranges``: moments, direction(s), snapshot; float64 sums per range ``[R, 5]``.
+    """Pass A over ``ranges``: moments and snapshot; float64 sums per range ``[R, 5]`` (``gdm`` only ``with_dm``).
 
     ``kind`` is ``reference.MODE_SGD`` or ``reference.MODE_ADAM``; without ``all_sums`` the ``gg`` and ``dd`` columns
     (no decision uses them) are skipped and NaN.
     """
-    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, None, False, all_sums)
+    return implementation(backend).direction_and_norms(g, w, w0, v, m, ranges, hp, kind, with_dm, None, False, all_sums)
 
 
 @direction_and_norms.register_fake
-def _(g, w, w0, d, v, m, dm, ranges, hp, kind, backend, all_sums=True):
+def _(g, w, w0, v, m, ranges, hp, kind, with_dm, backend, all_sums=True):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 
-@torch.library.custom_op("lsfused::direction_norms_trial", mutates_args=("w", "w0", "d", "v", "m", "dm"))
+@torch.library.custom_op("lsfused::direction_norms_trial", mutates_args=("w", "w0", "v", "m"))
 def direction_norms_trial(
     g: Tensor,
     w: Tensor,
     w0: Tensor,
-    d: Tensor,
     v: Tensor | None,
     m: Tensor | None,
-    dm: Tensor | None,
     ranges: list[int],
     hp: list[float],
     kind: int,
+    with_dm: bool,
     eta: Tensor,
     trial_dm: bool,
     backend: str,
@@ -83,22 +81,38 @@ def direction_norms_trial(
 
     Bit-identical to ``direction_and_norms`` followed by ``trial_step`` on those ranges; saves the trial's pass.
     """
-    return implementation(backend).direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, all_sums)
+    return implementation(backend).direction_and_norms(
+        g, w, w0, v, m, ranges, hp, kind, with_dm, eta, trial_dm, all_sums
+    )
 
 
 @direction_norms_trial.register_fake
-def _(g, w, w0, d, v, m, dm, ranges, hp, kind, eta, trial_dm, backend, all_sums=True):
+def _(g, w, w0, v, m, ranges, hp, kind, with_dm, eta, trial_dm, backend, all_sums=True):
     return g.new_empty(len(ranges) // 2, len(NORM_COLUMNS), dtype=torch.float64)
 
 
 @torch.library.custom_op("lsfused::trial_step", mutates_args=("w",))
-def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor, backend: str) -> None:
-    """Pass B: ``w = w0 + eta[r]*d`` over each range; ``eta`` is a float64 device tensor, one entry per range."""
-    implementation(backend).trial_step(w, w0, d, ranges, eta)
+def trial_step(
+    w: Tensor,
+    w0: Tensor,
+    g: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    kind: int,
+    eta: Tensor,
+    along_dm: bool,
+    backend: str,
+) -> None:
+    """Pass B: ``w = w0 + eta[r]*dir`` over each range, ``dir`` (``d``, ``dm`` with ``along_dm``) recomputed from
+    ``g`` and the moments with Pass A's operations; ``hp``: Pass A's rows of those ranges; ``eta``: a float64
+    device tensor, one entry per range."""
+    implementation(backend).trial_step(w, w0, g, v, m, ranges, hp, kind, eta, along_dm)
 
 
 @trial_step.register_fake
-def _(w, w0, d, ranges, eta, backend):
+def _(w, w0, g, v, m, ranges, hp, kind, eta, along_dm, backend):
     return None
 
 

@@ -87,13 +87,12 @@ class Backend:
         g,
         w,
         w0,
-        d,
         v,
         m,
-        dm,
         ranges: list[int],
         hp: list[float],
         mode: int,
+        with_dm: bool = False,
         eta=None,
         trial_dm: bool = False,
         all_sums: bool = True,
@@ -102,16 +101,16 @@ class Backend:
         ``all_sums`` the sums no decision uses (``gg``, ``dd``) are skipped (NaN)."""
         impl = self._impl()
         if impl is not None:
-            return impl.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, all_sums)
+            return impl.direction_and_norms(g, w, w0, v, m, ranges, hp, mode, with_dm, eta, trial_dm, all_sums)
         if eta is None:
-            return _ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, self.name, all_sums)
-        return _ops.direction_norms_trial(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, self.name, all_sums)
+            return _ops.direction_and_norms(g, w, w0, v, m, ranges, hp, mode, with_dm, self.name, all_sums)
+        return _ops.direction_norms_trial(g, w, w0, v, m, ranges, hp, mode, with_dm, eta, trial_dm, self.name, all_sums)
 
-    def trial_step(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
+    def trial_step(self, w, w0, g, v, m, ranges: list[int], hp: list[float], mode: int, eta, along_dm=False) -> None:
         impl = self._impl()
         if impl is not None:
-            return impl.trial_step(w, w0, d, ranges, eta)
-        _ops.trial_step(w, w0, d, ranges, eta, self.name)
+            return impl.trial_step(w, w0, g, v, m, ranges, hp, mode, eta, along_dm)
+        _ops.trial_step(w, w0, g, v, m, ranges, hp, mode, eta, along_dm, self.name)
 
     def restore(self, w: Tensor, w0: Tensor, ranges: list[int]) -> None:
         impl = self._impl()
@@ -128,9 +127,9 @@ class Backend:
         """``g *= factor`` in place (unscaling and clipping the flat gradient before Pass A)."""
         g.mul_(factor)
 
-    def absorbed_counts(self, w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
+    def absorbed_counts(self, w, w0, g, v, m, ranges: list[int], hp: list[float], mode: int, along_dm=False) -> Tensor:
         """A companion reduction (see ``reference.absorbed_counts``)."""
-        return self._backend_module().absorbed_counts(w, w0, d, ranges)
+        return self._backend_module().absorbed_counts(w, w0, g, v, m, ranges, hp, mode, along_dm)
 
 
 def resolve(name: str, device: torch.device | None = None) -> Backend:

@@ -1,9 +1,10 @@
 """Flat parameter buffers.
 
 For each (device, dtype) bucket the parameters become views into one contiguous buffer, and ``p.grad`` a view into
-one flat grad buffer, so backward writes there and no gather copy is needed. Adam state, the snapshot ``w0`` and the
-direction live in matching flat buffers. Param groups are contiguous ranges of each bucket (params are laid out
-group by group), so every op works on ``ranges``.
+one flat grad buffer, so backward writes there and no gather copy is needed. Adam state and the snapshot ``w0`` live
+in matching flat buffers; the search direction is not stored (every op recomputes it from ``g`` and the moments), so
+``g`` must stay as Pass A read it until the step ends. Param groups are contiguous ranges of each bucket (params are
+laid out group by group), so every op works on ``ranges``.
 
 Parameters that FSDP2 (``fully_shard``) owns are DTensors whose storage FSDP2 manages: for those the bucket holds
 a copy of the local shards, reads the local gradient shards, and writes the weights back after every op that
@@ -87,11 +88,11 @@ class FlatBucket:
         self._ptrs = [local(p).data_ptr() for p in self.params]
         self._device_index = self.w.get_device()
         self._grads_are_views = False  # set by check_grads when every p.grad is its view, used by gather_grads
+        # No direction buffer: the ops recompute d (dm) from g, v (m) where they read it (lsfused.reference).
         self.w0 = torch.empty(n, dtype=sdt, device=self.device)
-        self.d = torch.empty(n, dtype=sdt, device=self.device)
         self.v = torch.zeros(n, dtype=sdt, device=self.device) if self.with_second_moment else None
         self.m = torch.zeros(n, dtype=sdt, device=self.device) if self.with_momentum else None
-        self.dm = torch.empty(n, dtype=sdt, device=self.device) if self.with_momentum_direction else None
+        self.hp: list[float] = []  # the hyperparameter rows of the last Pass A, which its trials recompute d with
         self.ranges, self.groups = [], []
         for i, gi in enumerate(self.group_of_param):
             a, b = self.offsets[i], self.offsets[i + 1]

@@ -13,6 +13,7 @@ import torch
 
 from lsfused.backends import resolve
 from lsfused.optim import acceptance, checkpoint, distributed, passes, scaling, transaction, validation
+from lsfused.reference import MODE_SGD
 
 OPTIM = Path(__file__).resolve().parent.parent / "lsfused" / "optim"
 
@@ -209,12 +210,12 @@ def test_passes_trial_and_restore_follow_the_equation():
     (bucket,) = passes.build_buckets(groups, (False, False, False))
     bucket.read_params()
     bucket.w0.copy_(bucket.w)
-    bucket.d.copy_(torch.randn(bucket.d.shape, generator=torch.Generator().manual_seed(1)))
+    bucket.hp = [0.0] * 12  # SGD reads no hyperparameter: d = -g
     w0 = bucket.w0.clone()
     ops = resolve("torch")
-    passes.trial_step([bucket], ops, {1: 0.25}, "d")
+    passes.trial_step([bucket], ops, {1: 0.25}, "d", MODE_SGD)
     expected = w0.double().clone()
-    expected[5:] += 0.25 * bucket.d[5:].double()
+    expected[5:] -= 0.25 * bucket.g[5:].double()
     assert torch.equal(bucket.w, expected.float())
     assert torch.equal(a.detach(), w0[:5]) and torch.equal(b.detach().flatten(), bucket.w[5:])
     passes.restore([bucket], ops, None)

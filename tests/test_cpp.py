@@ -1,6 +1,6 @@
 """The ``cpp`` backend (C++ extension) beyond the shared op/parity tests: thread-count independence, the streaming
-path for large buffers, the baseline-ISA copy, input checks, fallbacks when the extension is missing or broken, and
-an nvcc compile of the CUDA kernels.
+path for large buffers, the baseline-ISA copy, trials and absorbed counts that recompute the direction, input checks,
+fallbacks when the extension is missing or broken, and an nvcc compile of the CUDA kernels.
 
 The shared tests (test_ops.py, test_backend_parity.py) already run every op and optimizer on ``cpp`` against the
 torch reference once it is available: elementwise results bit-identical, sums within 1e-12 of an fsum.
@@ -40,13 +40,13 @@ def buffers(n, dtype, seed=0):
 
 
 def pass_a(backend, g, w, v, m, ranges, mode=ref.MODE_ADAM, hp=HP):
-    sdt = v.dtype
-    out = {k: torch.full((g.numel(),), math.nan, dtype=sdt) for k in ("w0", "d", "dm")}
-    out["v"], out["m"] = v.clone(), m.clone()
+    """Pass A on copies of the moments (Adam ``with_dm``: the gdm sum too); the sums and the written buffers."""
+    out = {"w0": torch.full((g.numel(),), math.nan, dtype=v.dtype), "v": v.clone(), "m": m.clone()}
     if mode == ref.MODE_SGD:
-        out["v"] = out["m"] = out["dm"] = None
+        out["v"] = out["m"] = None
+    adam = mode == ref.MODE_ADAM
     sums = lsfused._ops.direction_and_norms(
-        g, w, out["w0"], out["d"], out["v"], out["m"], out["dm"], ranges, hp * (len(ranges) // 2), mode, backend
+        g, w, out["w0"], out["v"], out["m"], ranges, hp * (len(ranges) // 2), mode, adam, backend
     )
     return sums, out
 
@@ -98,16 +98,18 @@ def test_large_buffers_take_the_streaming_path_bit_exactly(dtype):
     n = (1 << 21) + 37
     g, w, v, m = buffers(n, dtype, seed=5)
     ranges = [0, 3, 3, 1_000_001, 1_000_001, n]
+    hp = HP * 3
+    eta = torch.tensor([0.5, 1e-3, 0.25], dtype=torch.float64)
     for mode in (ref.MODE_SGD, ref.MODE_ADAM):
         _, out = pass_a_matching_reference(g, w, v, m, ranges, mode)
-    w0, d = out["w0"], out["d"]
-    eta = torch.tensor([0.5, 1e-3, 0.25], dtype=torch.float64)
-    expected, got = w.clone(), w.clone()
-    ref.trial_step(expected, w0, d, ranges, eta)
-    lsfused._ops.trial_step(got, w0, d, ranges, eta, "cpp")
-    assert torch.equal(got, expected)
-    lsfused._ops.restore(got, w0, ranges, "cpp")
-    assert torch.equal(got, w)
+        w0, v1, m1 = out["w0"], out["v"], out["m"]
+        for along_dm in (False, True) if mode == ref.MODE_ADAM else (False,):
+            expected, got = w.clone(), w.clone()
+            ref.trial_step(expected, w0, g, v1, m1, ranges, hp, mode, eta, along_dm)
+            lsfused._ops.trial_step(got, w0, g, v1, m1, ranges, hp, mode, eta, along_dm, "cpp")
+            assert torch.equal(got, expected), (mode, along_dm)
+            lsfused._ops.restore(got, w0, ranges, "cpp")
+            assert torch.equal(got, w)
 
 
 @needs_cpp
@@ -157,45 +159,172 @@ def test_grad_check_fp64_overflow_is_not_a_nonfinite_entry():
     assert cpp_ops.grad_check(g) == (1, math.inf)
 
 
+# (mode, with a momentum buffer m, along dm): every direction a trial or the absorbed count recomputes.
+DIRECTIONS = [
+    (ref.MODE_SGD, False, False),
+    (ref.MODE_ADAM, False, False),
+    (ref.MODE_ADAM, True, False),
+    (ref.MODE_ADAM, False, True),
+    (ref.MODE_ADAM, True, True),
+]
+
+
+def check_trials_and_absorbed(g, w, v, m, ranges, hp, etas):
+    """trial_step then absorbed_counts on ``cpp`` equal the reference's bit for bit, along every direction."""
+    from lsfused.kernels import cpp_ops
+
+    w0 = w.to(v.dtype)
+    eta = torch.tensor(etas, dtype=torch.float64)
+    for mode, with_m, along_dm in DIRECTIONS:
+        moments = (None, None) if mode == ref.MODE_SGD else (v, m if with_m else None)
+        expected, got = w.clone(), w.clone()
+        ref.trial_step(expected, w0, g, *moments, ranges, hp, mode, eta, along_dm)
+        cpp_ops.trial_step(got, w0, g, *moments, ranges, hp, mode, eta, along_dm)
+        assert torch.equal(got, expected), (mode, with_m, along_dm)
+        counts = ref.absorbed_counts(expected, w0, g, *moments, ranges, hp, mode, along_dm)
+        assert torch.equal(cpp_ops.absorbed_counts(expected, w0, g, *moments, ranges, hp, mode, along_dm), counts)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 4097])
+def test_trials_and_absorbed_counts_recompute_the_direction_bit_exactly(dtype, n):
+    """Along d and dm (Adam with and without m, SGD), on tails of every length; an empty range; eps = 0 on the last
+    range, where a zero-padded tail lane would be 0/0 = NaN (a moving element) unless masked out."""
+    g, w, v, m = buffers(n, dtype, seed=n)
+    g[::5] = 0.0  # dir == 0: not moving
+    cut = n // 3
+    ranges = [0, cut, cut, cut, cut, n]
+    hp = HP + HP[:5] + [0.99] + HP[:2] + [0.0] + HP[3:]
+    # a step that moves every element, one that moves none (absorbed everywhere), one in between
+    check_trials_and_absorbed(g, w, v, m, ranges, hp, [0.5, 1e-3, 1e-30])
+    check_trials_and_absorbed(g, w, v, m, ranges, hp, [1e-30, 1e-3, 0.25])
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_absorbed_counts_match_reference(dtype):
     from lsfused.kernels import cpp_ops
 
     n = 100_003
-    g, w, _, _ = buffers(n, dtype, seed=4)
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w0 = w.to(sdt)
-    d = g.to(sdt)
-    d[::7] = 0.0
-    d[5] = math.nan
+    g, w, v, m = buffers(n, dtype, seed=4)
+    g[::7] = 0.0
+    g[5] = math.nan
+    w0 = w.to(v.dtype)
     ranges = [0, 13, 13, 13, 13, 60_000, 60_000, n]
-    w = w.clone()
-    ref.trial_step(w, w0, d, ranges, torch.tensor([1e-9, 0.5, 1e-4, 1e-30], dtype=torch.float64))
-    w[3] = math.nan
-    got = cpp_ops.absorbed_counts(w, w0, d, ranges)
-    expected = ref.absorbed_counts(w, w0, d, ranges)
-    assert torch.equal(got, expected)
-    assert expected[:, 1].sum() > 0 and (expected[:, 1] < expected[:, 0]).any()  # both kinds occur
+    hp = HP * 4
+    for mode, with_m, along_dm in DIRECTIONS:
+        moments = (None, None) if mode == ref.MODE_SGD else (v, m if with_m else None)
+        w = w0.to(dtype)
+        eta = torch.tensor([1e-9, 0.5, 1e-4, 1e-30], dtype=torch.float64)
+        ref.trial_step(w, w0, g, *moments, ranges, hp, mode, eta, along_dm)
+        w[3] = math.nan
+        got = cpp_ops.absorbed_counts(w, w0, g, *moments, ranges, hp, mode, along_dm)
+        expected = ref.absorbed_counts(w, w0, g, *moments, ranges, hp, mode, along_dm)
+        assert torch.equal(got, expected), (mode, with_m, along_dm)
+        assert expected[:, 1].sum() > 0 and (expected[:, 1] < expected[:, 0]).any()  # both kinds occur
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_absorbed_counts_recompute_the_direction_not_g_nonzero(dtype):
+    """A tiny g over a large v: g/denom underflows to 0, so the element does not move although g != 0 (fp16's range
+    is too narrow for this)."""
+    from lsfused.kernels import cpp_ops
+
+    tiny, huge = (1e-300, 1e300) if dtype == torch.float64 else (1e-38, 1e30)
+    n = 4097
+    g, w, v, _ = buffers(n, dtype, seed=3)
+    g[1::2], v[1::2] = tiny, huge
+    assert (g[1::2] != 0).all()
+    w0 = w.to(v.dtype)
+    ranges = [0, 100, 100, n]
+    hp, eta = HP * 2, torch.tensor([0.5, 1e-3], dtype=torch.float64)
+    for along_dm in (False, True):  # without m: dm's source is g too
+        w = w0.to(dtype)
+        cpp_ops.trial_step(w, w0, g, v, None, ranges, hp, ref.MODE_ADAM, eta, along_dm)
+        expected = ref.absorbed_counts(w, w0, g, v, None, ranges, hp, ref.MODE_ADAM, along_dm)
+        assert expected[:, 0].tolist() == [50, (n - 100 + 1) // 2]  # the even elements only
+        assert torch.equal(cpp_ops.absorbed_counts(w, w0, g, v, None, ranges, hp, ref.MODE_ADAM, along_dm), expected)
+        assert torch.equal(w[1::2], w0[1::2].to(dtype))  # w0 + eta*0
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_first_trial_equals_pass_a_then_trial_step(dtype):
+    """Pass A with eta (NaN: no trial on that range) writes what Pass A followed by trial_step on the other ranges
+    writes, bit for bit, with the same sums; and what the reference's fused Pass A writes."""
+    from lsfused.kernels import cpp_ops
+
+    n = 4097
+    g, w, v, m = buffers(n, dtype, seed=6)
+    ranges = [0, 7, 7, 1000, 1000, n]
+    hp = HP * 3
+    eta = torch.tensor([0.5, math.nan, 1e-3], dtype=torch.float64)
+    tried = [0, 7, 1000, n]
+    for mode, with_m, trial_dm in DIRECTIONS:
+        adam = mode == ref.MODE_ADAM
+        results = []
+        for how in ("fused", "then trial", "reference"):
+            wr, w0 = w.clone(), torch.full((n,), math.nan, dtype=v.dtype)
+            vr, mr = (v.clone(), m.clone() if with_m else None) if adam else (None, None)
+            if how == "then trial":
+                sums = cpp_ops.direction_and_norms(g, wr, w0, vr, mr, ranges, hp, mode, adam)
+                cpp_ops.trial_step(wr, w0, g, vr, mr, tried, HP * 2, mode, eta[[0, 2]], trial_dm)
+            else:
+                impl = cpp_ops if how == "fused" else ref
+                sums = impl.direction_and_norms(g, wr, w0, vr, mr, ranges, hp, mode, adam, eta, trial_dm)
+            results.append((sums, wr, w0, vr, mr))
+        (fused, unfused, reference) = results
+        assert torch.equal(fused[0], unfused[0])
+        torch.testing.assert_close(fused[0], reference[0], rtol=1e-12, atol=0)
+        for a, b, c in zip(fused[1:], unfused[1:], reference[1:], strict=True):
+            assert (a is None and b is None and c is None) or (torch.equal(a, b) and torch.equal(a, c))
+        assert torch.equal(fused[1][7:1000], w[7:1000])  # the range without a trial keeps w
 
 
 @needs_cpp
 def test_input_checks():
     ops = torch.ops.lsfused_cpp
     g, w, v, _ = buffers(10, torch.float32)
-    w0, d = torch.empty(10), torch.empty(10)
+    w0 = torch.empty(10)
+    eta = torch.tensor([0.5], dtype=torch.float64)
+    before = w.clone()
     with pytest.raises(RuntimeError, match="w0 must be Float"):
-        ops.direction_and_norms(g, w, w0.double(), d, v, None, None, [0, 10], HP, 1)
+        ops.direction_and_norms(g, w, w0.double(), v, None, [0, 10], HP, 1)
     with pytest.raises(RuntimeError, match="not inside"):
-        ops.direction_and_norms(g, w, w0, d, v, None, None, [0, 11], HP, 1)
+        ops.direction_and_norms(g, w, w0, v, None, [0, 11], HP, 1)
     with pytest.raises(RuntimeError, match="pairs"):
         ops.restore(w, w0, [0])
     with pytest.raises(RuntimeError, match="hp must hold"):
-        ops.direction_and_norms(g, w, w0, d, v, None, None, [0, 10], HP[:5], 1)
+        ops.direction_and_norms(g, w, w0, v, None, [0, 10], HP[:5], 1)
     with pytest.raises(RuntimeError, match="needs the second moment"):
-        ops.direction_and_norms(g, w, w0, d, None, None, None, [0, 10], HP, 1)
+        ops.direction_and_norms(g, w, w0, None, None, [0, 10], HP, 1)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.restore(w, torch.empty(20)[::2], [0, 10])
+    with pytest.raises(ValueError, match="trial_dm needs with_dm"):
+        ops.direction_and_norms(g, w, w0, v, None, [0, 10], HP, 1, False, eta, True)
+    with pytest.raises(ValueError, match="SGD has no momentum direction"):
+        ops.direction_and_norms(g, w, w0, None, None, [0, 10], HP, 0, True, eta)
+    with pytest.raises(ValueError, match="SGD has no momentum direction"):
+        ops.trial_step(w, w0, g, None, None, [0, 10], HP, 0, eta, True)
+    with pytest.raises(ValueError, match="SGD has no momentum direction"):
+        ops.absorbed_counts(w, w0, g, None, None, [0, 10], HP, 0, True)
+    with pytest.raises(RuntimeError, match="hp must hold"):
+        ops.trial_step(w, w0, g, v, None, [0, 10], HP + [0.0], 1, eta)
+    with pytest.raises(RuntimeError, match="hp must hold"):
+        ops.absorbed_counts(w, w0, g, v, None, [0, 5, 5, 10], HP, 1)
+    with pytest.raises(RuntimeError, match="g must be Float"):
+        ops.trial_step(w, w0, g.double(), v, None, [0, 10], HP, 1, eta)
+    with pytest.raises(RuntimeError, match="needs the second moment"):
+        ops.trial_step(w, w0, g, None, None, [0, 10], HP, 1, eta)
+    with pytest.raises(RuntimeError, match="m must be a contiguous"):
+        ops.trial_step(w, w0, g, v, torch.empty(5), [0, 10], HP, 1, eta, True)
+    with pytest.raises(RuntimeError, match="v must be Float"):
+        ops.absorbed_counts(w, w0, g, v.double(), None, [0, 10], HP, 1)
+    with pytest.raises(RuntimeError, match="eta needs one entry per range"):
+        ops.trial_step(w, w0, g, v, None, [0, 5, 5, 10], HP * 2, 1, eta)
+    assert torch.equal(w, before)  # every check ran before anything was written
 
 
 def run_python(code: str, **env) -> dict:
@@ -212,16 +341,17 @@ def run_python(code: str, **env) -> dict:
 @needs_cpp
 def test_baseline_isa_copy_matches_reference_and_avx2_sums(tmp_path):
     """LSFUSED_CPU_ISA=baseline forces the SSE2 copy; its sums equal the default copy's bit for bit (8 logical lanes
-    in both)."""
+    in both), and its trials and absorbed counts the reference's."""
     code = f"""
         import json, torch, lsfused
         from lsfused.kernels import cpp_ops
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_cpp import buffers, pass_a
+        from test_cpp import HP, buffers, check_trials_and_absorbed, pass_a
         assert cpp_ops.cpu_isa() == "baseline", cpp_ops.cpu_isa()
         res = {{}}
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             g, w, v, m = buffers(70_001, dt, seed=9)
+            check_trials_and_absorbed(g, w, v, m, [0, 7, 7, 70_001], HP * 2, [0.5, 1e-3])
             sums, out = pass_a("cpp", g, w, v, m, [0, 7, 7, 70_001])
             ref_sums, ref_out = pass_a("torch", g, w, v, m, [0, 7, 7, 70_001])
             same = all(torch.equal(out[k], ref_out[k]) for k in out)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_ops import BACKENDS, DEVICE, HP, inputs, skip_unsupported, state_dtype
+from test_ops import BACKENDS, DEVICE, HP, WIDTH, inputs, skip_unsupported, state_dtype
 
 import lsfused
 from lsfused import _ops
@@ -24,9 +24,11 @@ KINDS = {
     "sgd": (ref.MODE_SGD, False, False, False),
     "adam": (ref.MODE_ADAM, False, False, False),
     "adam_dm": (ref.MODE_ADAM, False, True, False),
+    "adam_along_dm": (ref.MODE_ADAM, False, True, True),  # betas[0] == 0: dm from g
     "momentum": (ref.MODE_ADAM, True, True, False),
     "momentum_along_dm": (ref.MODE_ADAM, True, True, True),
 }
+BUFFERS = ("g", "w", "w0", "v", "m")
 
 
 def ranges_of(sizes):
@@ -38,44 +40,44 @@ def ranges_of(sizes):
 
 
 def buffers(dtype, kind, seed=0):
-    mode, with_m, with_dm, _ = KINDS[kind]
+    mode, with_m, _, _ = KINDS[kind]
     g, w, v, m = inputs(SIZES, dtype, seed)
-    sdt = state_dtype(dtype)
-    n = g.numel()
     return {
         "g": g,
         "w": w.clone(),
-        "w0": torch.full((n,), math.nan, dtype=sdt, device=g.device),
-        "d": torch.full((n,), math.nan, dtype=sdt, device=g.device),
+        "w0": torch.full((g.numel(),), math.nan, dtype=state_dtype(dtype), device=g.device),
         "v": v.clone() if mode == ref.MODE_ADAM else None,
         "m": m.clone() if with_m else None,
-        "dm": torch.full((n,), math.nan, dtype=sdt, device=g.device) if with_dm else None,
     }
 
 
 def two_pass(backend, bufs, kind, hp, eta):
-    """Today's sequence: Pass A, then Pass B on the ranges that have a trial."""
-    mode, _, _, along_dm = KINDS[kind]
+    """Pass A, then Pass B on the ranges that have a trial (with their hyperparameter rows)."""
+    mode, _, with_dm, along_dm = KINDS[kind]
     b = bufs
     ranges = ranges_of(SIZES)
-    sums = _ops.direction_and_norms(b["g"], b["w"], b["w0"], b["d"], b["v"], b["m"], b["dm"], ranges, hp, mode, backend)
+    sums = _ops.direction_and_norms(*(b[k] for k in BUFFERS), ranges, hp, mode, with_dm, backend)
     sel = [r for r, e in enumerate(eta.tolist()) if not math.isnan(e)]
     ranges_sel = [x for r in sel for x in ranges[2 * r : 2 * r + 2]]
-    _ops.trial_step(b["w"], b["w0"], b["dm" if along_dm else "d"], ranges_sel, eta[sel], backend)
+    hp_sel = [x for r in sel for x in hp[r * WIDTH : (r + 1) * WIDTH]]
+    _ops.trial_step(b["w"], b["w0"], b["g"], b["v"], b["m"], ranges_sel, hp_sel, mode, eta[sel], along_dm, backend)
     return sums
 
 
 def fused(backend, bufs, kind, hp, eta):
-    mode, _, _, along_dm = KINDS[kind]
+    mode, _, with_dm, along_dm = KINDS[kind]
     b = bufs
-    return _ops.direction_norms_trial(
-        b["g"], b["w"], b["w0"], b["d"], b["v"], b["m"], b["dm"], ranges_of(SIZES), hp, mode, eta, along_dm, backend
-    )
+    args = (*(b[k] for k in BUFFERS), ranges_of(SIZES), hp, mode, with_dm)
+    return _ops.direction_norms_trial(*args, eta, along_dm, backend)
 
 
 def hp_rows(wd_scale=1.0):
-    row = HP[:5] + [wd_scale]
-    return row * len(SIZES)
+    """One row per range, each its own (step k = 3 + r), so a trial given the wrong row shows."""
+    rows = []
+    for r in range(len(SIZES)):
+        k = 3 + r
+        rows += [0.9, 0.999, 1e-8 * (1 + r), 1 - 0.9**k, math.sqrt(1 - 0.999**k), wd_scale]
+    return rows
 
 
 def assert_same_buffers(a, b):
@@ -111,9 +113,7 @@ def test_fused_first_trial_equals_pass_a_then_trial(backend, dtype, kind, wd_sca
 def test_all_nan_eta_is_plain_pass_a(backend):
     eta = torch.full((len(SIZES),), math.nan, dtype=torch.float64, device=DEVICE)
     expected, got = buffers(torch.float32, "momentum"), buffers(torch.float32, "momentum")
-    ref_sums = _ops.direction_and_norms(
-        *(expected[k] for k in ("g", "w", "w0", "d", "v", "m", "dm")), ranges_of(SIZES), hp_rows(), 1, backend
-    )
+    ref_sums = _ops.direction_and_norms(*(expected[k] for k in BUFFERS), ranges_of(SIZES), hp_rows(), 1, True, backend)
     assert torch.equal(fused(backend, got, "momentum", hp_rows(), eta), ref_sums)
     assert_same_buffers(got, expected)
 
@@ -121,16 +121,10 @@ def test_all_nan_eta_is_plain_pass_a(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_trial_along_dm_without_dm_is_refused(backend):
     eta = torch.tensor(ETAS, dtype=torch.float64, device=DEVICE)
-    bufs = buffers(torch.float32, "adam")
+    bufs = buffers(torch.float32, "momentum")
     with pytest.raises((ValueError, RuntimeError), match="dm"):
         _ops.direction_norms_trial(
-            *(bufs[k] for k in ("g", "w", "w0", "d", "v", "m", "dm")),
-            ranges_of(SIZES),
-            hp_rows(),
-            1,
-            eta,
-            True,
-            backend,
+            *(bufs[k] for k in BUFFERS), ranges_of(SIZES), hp_rows(), 1, False, eta, True, backend
         )
 
 
@@ -139,16 +133,20 @@ def test_opcheck_fused_trial(backend):
     sizes = [7, 300]
     n = sum(sizes)
     g, w, v, m = inputs(sizes, torch.float32)
-    bufs = [torch.zeros(n, device=DEVICE) for _ in range(3)]
+    w0 = torch.zeros(n, device=DEVICE)
     eta = torch.tensor([0.5, math.nan], dtype=torch.float64, device=DEVICE)
     hp = HP * 2
     ranges = [0, 7, 7, n]
-    torch.library.opcheck(
-        _ops.direction_norms_trial, (g, w.clone(), *bufs[:2], v, m, bufs[2], ranges, hp, 1, eta, True, backend)
-    )
-    torch.library.opcheck(
-        _ops.direction_norms_trial, (g, w.clone(), *bufs[:2], None, None, None, ranges, hp, 0, eta, False, backend)
-    )
+    for args in (
+        (v, m, 1, True, True),
+        (v, None, 1, True, True),
+        (v, m, 1, False, False),
+        (None, None, 0, False, False),
+    ):
+        vv, mm, kind, with_dm, trial_dm = args
+        torch.library.opcheck(
+            _ops.direction_norms_trial, (g, w.clone(), w0, vv, mm, ranges, hp, kind, with_dm, eta, trial_dm, backend)
+        )
 
 
 def test_every_backend_is_tested():

@@ -278,6 +278,51 @@ def test_closure_calling_backward_at_a_trial_with_step_rng_is_interrupted():
     assert torch.autograd.backward.__name__ == "backward"  # the guard is gone after the step
 
 
+# The trials recompute the direction from the flat gradient (no direction buffer): a closure that zeroes or changes
+# the gradient between them would silently turn every trial into w0. It is refused instead, the step undone.
+GRADIENT_CHANGERS = {
+    "opt.zero_grad": lambda model, opt: opt.zero_grad(),
+    "model.zero_grad(set_to_none=False)": lambda model, opt: model.zero_grad(set_to_none=False),
+    "grad.mul_": lambda model, opt: next(model.parameters()).grad.mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("change", GRADIENT_CHANGERS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_closure_changing_the_gradient_during_the_trials_is_refused(name, change):
+    model, opt, x, y, _ = stepped(name)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] > 1:  # a trial: the gradient Pass A read is in use
+            GRADIENT_CHANGERS[change](model, opt)
+        return closure_for(model, x, y)()
+
+    with pytest.raises(ValueError, match=r"changed the gradient in place.*zero_grad"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters(), strict=True))
+    assert opt.last_step.outcome == "interrupted"
+
+
+def test_zero_grad_in_the_closure_before_the_gradient_is_taken_is_harmless():
+    model = mlp()
+    twin_model = copy.deepcopy(model)
+    opt, twin_opt = lsfused.AdamSLS(model.parameters()), lsfused.AdamSLS(twin_model.parameters())
+    x, y = batches(1)[0]
+
+    def zeroing():
+        if not torch.is_grad_enabled():  # trials run without grad: only the first call zeroes
+            return closure_for(model, x, y)()
+        opt.zero_grad()
+        return closure_for(model, x, y)()
+
+    opt.step(zeroing)
+    twin_opt.step(closure_for(twin_model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
+
+
 def test_detached_loss_gets_the_right_diagnosis():
     model = mlp()
     opt = lsfused.AdamSLS(model.parameters())

@@ -29,7 +29,7 @@ import torch
 import lsfused
 from lsfused import _ops
 from lsfused.apps.baselines import PaperStyleAdamSLS
-from lsfused.reference import MODE_ADAM, pairs
+from lsfused.reference import MODE_ADAM, MODE_SGD, pairs
 
 CSV_FIELDS = [
     "kind",
@@ -64,9 +64,9 @@ BERT_BASE = (
 # A small model: about 1M parameters in 20 tensors.
 SMALL = [(512, 256), (256,)] * 6 + [(256, 512), (512,)] * 2 + [(10, 512), (10,)] * 2 + [(1000,), (1000,)] * 2
 
-# Bytes moved per element by each op of the op table (fp32, beta1 = 0): Pass A reads g, w, v and writes v, d, w0;
-# Pass B reads w0, d and writes w; restore reads w0 and writes w.
-OP_BYTES = {"pass_a": 24, "pass_b": 12, "restore": 8}
+# Bytes moved per element by each op of the op table (fp32, beta1 = 0): Pass A reads g, w, v and writes v, w0;
+# Pass B reads w0, g, v (the direction is recomputed) and writes w; restore reads w0 and writes w.
+OP_BYTES = {"pass_a": 20, "pass_b": 16, "restore": 8}
 
 
 def _nbytes(t, n: int) -> int:
@@ -84,25 +84,36 @@ class ByteCounter:
     def __init__(self, ops):
         self._ops, self.bytes = ops, 0
 
-    def direction_and_norms(self, g, w, w0, d, v, m, dm, ranges, hp, mode, eta=None, trial_dm=False, all_sums=True):
+    def direction_and_norms(self, g, w, w0, v, m, ranges, hp, mode, with_dm=False, eta=None, trial_dm=False,
+                            all_sums=True):  # fmt: skip
         etas = [math.nan] * (len(ranges) // 2) if eta is None else eta.tolist()
         for n, e in zip(_spans(ranges), etas, strict=True):
-            moved = _nbytes(g, n) + _nbytes(w, n) + 2 * _nbytes(v, n) + 2 * _nbytes(m, n)
-            moved += _nbytes(w0, n) + _nbytes(d, n) + _nbytes(dm, n)
+            moved = _nbytes(g, n) + _nbytes(w, n) + 2 * _nbytes(v, n) + 2 * _nbytes(m, n) + _nbytes(w0, n)
             self.bytes += moved + (0 if math.isnan(e) else _nbytes(w, n))  # the fused first trial writes w
-        return self._ops.direction_and_norms(g, w, w0, d, v, m, dm, ranges, hp, mode, eta, trial_dm, all_sums)
+        return self._ops.direction_and_norms(g, w, w0, v, m, ranges, hp, mode, with_dm, eta, trial_dm, all_sums)
 
-    def trial_step(self, w, w0, d, ranges, eta):
-        self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) + _nbytes(d, n) for n in _spans(ranges))
-        return self._ops.trial_step(w, w0, d, ranges, eta)
+    @staticmethod
+    def _direction_bytes(g, v, m, n, mode, along_dm) -> int:
+        """What recomputing the direction reads: g and v (d), m and v (dm; g when there is no m), g (SGD)."""
+        if mode == MODE_SGD:
+            return _nbytes(g, n)
+        return _nbytes(v, n) + (_nbytes(m if m is not None else g, n) if along_dm else _nbytes(g, n))
+
+    def trial_step(self, w, w0, g, v, m, ranges, hp, mode, eta, along_dm=False):
+        self.bytes += sum(
+            _nbytes(w, n) + _nbytes(w0, n) + self._direction_bytes(g, v, m, n, mode, along_dm) for n in _spans(ranges)
+        )
+        return self._ops.trial_step(w, w0, g, v, m, ranges, hp, mode, eta, along_dm)
 
     def restore(self, w, w0, ranges):
         self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) for n in _spans(ranges))
         return self._ops.restore(w, w0, ranges)
 
-    def absorbed_counts(self, w, w0, d, ranges):
-        self.bytes += sum(_nbytes(w, n) + _nbytes(w0, n) + _nbytes(d, n) for n in _spans(ranges))
-        return self._ops.absorbed_counts(w, w0, d, ranges)
+    def absorbed_counts(self, w, w0, g, v, m, ranges, hp, mode, along_dm=False):
+        self.bytes += sum(
+            _nbytes(w, n) + _nbytes(w0, n) + self._direction_bytes(g, v, m, n, mode, along_dm) for n in _spans(ranges)
+        )
+        return self._ops.absorbed_counts(w, w0, g, v, m, ranges, hp, mode, along_dm)
 
     def grad_check(self, g):  # non-finite count and squared norm: one read of g
         self.bytes += _nbytes(g, g.numel())
@@ -188,8 +199,8 @@ def bench_ops(sizes: list[int], device: torch.device, repeats: int) -> list[dict
 
 
 def _copy_roofline(n: int, device: torch.device, repeats: int) -> dict:
-    """A torch copy of as many bytes as Pass A moves (12 B/element read, 12 B written): the roofline."""
-    src = torch.empty(n * 3, device=device)
+    """A torch copy of 2 x 10 B/element (Pass A reads 12 and writes 8): the roofline."""
+    src = torch.empty(n * 5 // 2, device=device)
     dst = torch.empty_like(src)
     med, p20, p80 = timeit(lambda: dst.copy_(src), repeats)
     gbps = 2 * src.numel() * 4 / med / 1e6
@@ -199,16 +210,16 @@ def _copy_roofline(n: int, device: torch.device, repeats: int) -> dict:
 def _bench_ops_at(n: int, device: torch.device, repeats: int) -> list[dict]:
     g, w, v = (torch.randn(n, device=device) for _ in range(3))
     v = v.abs()
-    w0, d = torch.empty_like(w), torch.empty_like(w)
+    w0 = torch.empty_like(w)
     ranges, hp = [0, n], [0.0, 0.999, 1e-8, 1.0, math.sqrt(1 - 0.999**10), 1.0]
     eta = torch.tensor([1e-3], dtype=torch.float64, device=device)
     rows = [_copy_roofline(n, device, repeats)]
     for backend in _backends(device):
         ops = {  # Pass A as an optimizer runs it: without the sums only a recorder reads (all_sums=False)
             "pass_a": lambda b=backend: _ops.direction_and_norms(
-                g, w, w0, d, v, None, None, ranges, hp, MODE_ADAM, b, False
+                g, w, w0, v, None, ranges, hp, MODE_ADAM, False, b, False
             ),
-            "pass_b": lambda b=backend: _ops.trial_step(w, w0, d, ranges, eta, b),
+            "pass_b": lambda b=backend: _ops.trial_step(w, w0, g, v, None, ranges, hp, MODE_ADAM, eta, False, b),
             "restore": lambda b=backend: _ops.restore(w, w0, ranges, b),
         }
         for name, fn in ops.items():
@@ -362,10 +373,8 @@ def _memory(name: str, backend: str, scenario: str, numel: int, bytes_per_param:
 
 
 def _memory_row(opt_name, backend, scenario, numel, opt) -> dict:
-    """Optimizer state plus scratch (w0, d, v, m, dm) per parameter; grads and weights are not counted."""
-    extra = sum(
-        t.numel() * t.element_size() for b in opt._buckets for t in (b.w0, b.d, b.v, b.m, b.dm) if t is not None
-    )
+    """Optimizer state (w0, v, m) per parameter; grads and weights are not counted."""
+    extra = sum(t.numel() * t.element_size() for b in opt._buckets for t in (b.w0, b.v, b.m) if t is not None)
     return _memory(opt_name, backend, scenario, numel, extra / numel)
 
 

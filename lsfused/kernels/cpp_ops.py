@@ -163,13 +163,12 @@ def direction_and_norms(
     g: Tensor,
     w: Tensor,
     w0: Tensor,
-    d: Tensor,
     v: Tensor | None,
     m: Tensor | None,
-    dm: Tensor | None,
     ranges: list[int],
     hp: list[float],
     mode: int,
+    with_dm: bool = False,
     eta: Tensor | None = None,
     trial_dm: bool = False,
     all_sums: bool = True,
@@ -177,16 +176,32 @@ def direction_and_norms(
     if eta is not None:
         eta = eta.to(device=w.device, dtype=torch.float64)
     return _op("direction_and_norms")(
-        g, w, w0, d, v, m, dm, list(ranges), [float(x) for x in hp], int(mode), eta, bool(trial_dm), bool(all_sums)
+        g, w, w0, v, m, list(ranges), _floats(hp), int(mode), bool(with_dm), eta, bool(trial_dm), bool(all_sums)
     )
 
 
-def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
-    _op("trial_step")(w, w0, d, list(ranges), eta.to(device=w.device, dtype=torch.float64))
+def trial_step(
+    w: Tensor,
+    w0: Tensor,
+    g: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    mode: int,
+    eta: Tensor,
+    along_dm: bool = False,
+) -> None:
+    eta = eta.to(device=w.device, dtype=torch.float64)
+    _op("trial_step")(w, w0, g, v, m, list(ranges), _floats(hp), int(mode), eta, bool(along_dm))
 
 
 def restore(w: Tensor, w0: Tensor, ranges: list[int]) -> None:
     _op("restore")(w, w0, list(ranges))
+
+
+def _floats(hp: list[float]) -> list[float]:
+    return [float(x) for x in hp]
 
 
 def _has_cpu_kernel(t: Tensor) -> bool:
@@ -194,11 +209,22 @@ def _has_cpu_kernel(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.is_contiguous()
 
 
-def absorbed_counts(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int]) -> Tensor:
-    """``reference.absorbed_counts`` in one read-only pass (contiguous CPU ``w``; elsewhere the reference's)."""
+def absorbed_counts(
+    w: Tensor,
+    w0: Tensor,
+    g: Tensor,
+    v: Tensor | None,
+    m: Tensor | None,
+    ranges: list[int],
+    hp: list[float],
+    mode: int,
+    along_dm: bool = False,
+) -> Tensor:
+    """``reference.absorbed_counts`` in one read-only pass that recomputes the direction (contiguous CPU ``w``;
+    elsewhere the reference's)."""
     if not _has_cpu_kernel(w):
-        return reference.absorbed_counts(w, w0, d, ranges)
-    return _op("absorbed_counts")(w, w0, d, list(ranges))
+        return reference.absorbed_counts(w, w0, g, v, m, ranges, hp, mode, along_dm)
+    return _op("absorbed_counts")(w, w0, g, v, m, list(ranges), _floats(hp), int(mode), bool(along_dm))
 
 
 def grad_check(g: Tensor) -> tuple[int, float]:

@@ -14,6 +14,9 @@ quantities with vectorized state-dtype ops over chunks of ``CHUNK`` elements, so
             the state dtype; the chunks' sums in float64 (gg and dd only with all_sums)
     s     = -gd                           (= sum(g*g/denom) up to the rounding of d)
 
+The trials and the absorbed count recompute ``d`` (``dm``) over the same chunks with the same ops from the g, v, m
+Pass A left, so they are bit for bit this backend's Pass A directions.
+
 So the buffers may differ from the reference in the last bits and the sums by about 1e-7 relative (``gdm``, a signed
 sum: up to about 2e-5; the decisions agree unless a trial's Armijo test is that close to its threshold); the step is
 still a transaction (``w0`` is an exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend
@@ -55,70 +58,94 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.dot(x, y).double()
 
 
+def _denominator(v: Tensor, eps: float, sqrt_bc2: float, out: Tensor) -> Tensor:
+    """``sqrt_bc2 * denom = sqrt(v) + eps*sqrt_bc2`` into ``out``."""
+    return torch.sqrt(v, out=out).add_(eps * sqrt_bc2)
+
+
+def _direction(gc: Tensor, vc: Tensor | None, mc: Tensor | None, row: list[float], mode: int, along_dm: bool, out):
+    """The chunk's direction (``d``, ``dm`` with ``along_dm``) into ``out``, with Pass A's ops: the trials and the
+    absorbed count recompute it from the same g, v, m, so it is bit-identical to what Pass A summed."""
+    if mode == MODE_SGD:
+        if along_dm:
+            raise ValueError("SGD has no momentum direction")
+        return torch.neg(gc, out=out)
+    _, _, eps, bc1, sqrt_bc2, _ = row
+    den = _denominator(vc, eps, sqrt_bc2, out)
+    if along_dm:
+        return torch.addcdiv(_zero(out), mc if mc is not None else gc, den, value=-sqrt_bc2 / bc1, out=out)
+    return torch.addcdiv(_zero(out), gc, den, value=-sqrt_bc2, out=out)
+
+
+def _zero(like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _scratch(spans: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> Tensor:
+    longest = max((b - a for a, b in spans), default=0)
+    return torch.empty(min(CHUNK, longest) if device.type == "cpu" else longest, dtype=dtype, device=device)
+
+
 def direction_and_norms(
     g: Tensor,
     w: Tensor,
     w0: Tensor,
-    d: Tensor,
     v: Tensor | None,
     m: Tensor | None,
-    dm: Tensor | None,
     ranges: list[int],
     hp: list[float],
     mode: int,
+    with_dm: bool = False,
     eta: Tensor | None = None,
     trial_dm: bool = False,
     all_sums: bool = True,
 ) -> Tensor:
     """Pass A (see the module docstring for how it rounds); with ``eta``, also the first trial on every range
     whose entry is not NaN. ``all_sums=False`` skips the sums ``gg`` and ``dd`` (NaN columns)."""
-    if trial_dm and dm is None:
-        raise ValueError("trial_dm needs the momentum direction buffer dm")
+    if trial_dm and not with_dm:
+        raise ValueError("trial_dm needs with_dm (an optimizer with a momentum direction)")
     spans = pairs(ranges)
     etas = [math.nan] * len(spans) if eta is None else eta.detach().cpu().tolist()
     width = len(HP_COLUMNS)
     sums: list[list[Tensor]] = []
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
-    zero_s = torch.zeros((), dtype=d.dtype, device=d.device)
-    longest = max((b - a for a, b in spans), default=0)
-    scratch_full = torch.empty(
-        min(CHUNK, longest) if g.device.type == "cpu" else longest, dtype=d.dtype, device=d.device
-    )
+    sdt = w0.dtype
+    # Two chunk-sized temporaries: g*g (then dm), and the denominator (then d, in place).
+    scratch_full, den_full = _scratch(spans, sdt, g.device), _scratch(spans, sdt, g.device)
     for r, (a, b) in enumerate(spans):
-        b1, b2, eps, bc1, sqrt_bc2, wd_scale = hp[r * width : (r + 1) * width]
+        row = hp[r * width : (r + 1) * width]
+        b1, b2, eps, bc1, sqrt_bc2, wd_scale = row
         acc = [zero] * len(NORM_COLUMNS)
         for i, j in _chunks(a, b, g.device):
-            scratch = scratch_full[: j - i]
-            gc = g[i:j] if g.dtype == d.dtype else g[i:j].to(d.dtype)
-            wc, w0c, dc = w[i:j], w0[i:j], d[i:j]
+            scratch, dc = scratch_full[: j - i], den_full[: j - i]
+            gc = g[i:j] if g.dtype == sdt else g[i:j].to(sdt)
+            wc, w0c = w[i:j], w0[i:j]
             if wd_scale == 1.0:
                 w0c.copy_(wc)
             else:
-                w0c.copy_(wc.to(w0.dtype) * wd_scale)
+                w0c.copy_(wc.to(sdt) * wd_scale)
             torch.mul(gc, gc, out=scratch)
+            dmc = None
             if mode == MODE_SGD:
                 gg = scratch.sum().double()
                 torch.neg(gc, out=dc)
                 part = [gg, gg, -gg, gg, zero]
             else:
-                if m is not None:
-                    m[i:j].lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
+                mc = None if m is None else m[i:j]
+                if mc is not None:
+                    mc.lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
                 v[i:j].lerp_(scratch, 1.0 - b2)  # b2*v + (1-b2)*g*g
-                # sqrt_bc2 * denom = sqrt(v) + eps*sqrt_bc2, in d for now; d = -g/denom = -sqrt_bc2 * g/(that)
-                torch.sqrt(v[i:j], out=dc).add_(eps * sqrt_bc2)
+                gg = scratch.sum().double() if all_sums else zero
                 gdm = zero
-                if dm is not None:
-                    src = m[i:j] if m is not None else gc
-                    torch.addcdiv(zero_s, src, dc, value=-sqrt_bc2 / bc1, out=dm[i:j])
-                    gdm = _dot(gc, dm[i:j])
-                torch.addcdiv(zero_s, gc, dc, value=-sqrt_bc2, out=dc)
+                if with_dm:
+                    dmc = _direction(gc, v[i:j], mc, row, mode, True, scratch)
+                    gdm = _dot(gc, dmc)
+                _direction(gc, v[i:j], mc, row, mode, False, dc)
                 gd = _dot(gc, dc)
-                gg, dd = (scratch.sum().double(), _dot(dc, dc)) if all_sums else (zero, zero)
-                part = [-gd, gg, gd, dd, gdm]
+                part = [-gd, gg, gd, _dot(dc, dc) if all_sums else zero, gdm]
             acc = [x + y for x, y in zip(acc, part, strict=True)]
             if not math.isnan(etas[r]):
-                step = dm[i:j] if trial_dm else dc
-                _trial(wc, w0c, step, etas[r])
+                _trial(wc, w0c, dmc if trial_dm else dc, etas[r])
         sums.append(acc)
     if not sums:
         return torch.zeros(0, len(NORM_COLUMNS), dtype=torch.float64, device=g.device)
@@ -135,10 +162,36 @@ def _trial(w: Tensor, w0: Tensor, d: Tensor, eta: float) -> None:
         w.copy_(torch.add(w0, d, alpha=eta))
 
 
-def trial_step(w: Tensor, w0: Tensor, d: Tensor, ranges: list[int], eta: Tensor) -> None:
-    """Pass B: ``w = w0 + eta[r]*d`` (one fused multiply-add per element, cast on store)."""
-    for (a, b), e in zip(pairs(ranges), eta.detach().cpu().tolist(), strict=True):
-        _trial(w[a:b], w0[a:b], d[a:b], e)
+def _directions(g, w0, v, m, ranges, hp, mode, along_dm):
+    """Per chunk of the listed ranges (Pass A's chunks): ``(r, i, j, direction)``, the direction in a reused
+    temporary."""
+    spans = pairs(ranges)
+    width = len(HP_COLUMNS)
+    den_full = _scratch(spans, w0.dtype, g.device)
+    for r, (a, b) in enumerate(spans):
+        row = hp[r * width : (r + 1) * width]
+        for i, j in _chunks(a, b, g.device):
+            gc = g[i:j] if g.dtype == den_full.dtype else g[i:j].to(den_full.dtype)
+            vc, mc = (None if t is None else t[i:j] for t in (v, m))
+            yield r, i, j, _direction(gc, vc, mc, row, mode, along_dm, den_full[: j - i])
+
+
+def trial_step(w, w0, g, v, m, ranges: list[int], hp: list[float], mode: int, eta: Tensor, along_dm=False) -> None:
+    """Pass B: ``w = w0 + eta[r]*dir`` (the direction recomputed per chunk; one fused multiply-add per element,
+    cast on store)."""
+    etas = eta.detach().cpu().tolist()
+    for r, i, j, d in _directions(g, w0, v, m, ranges, hp, mode, along_dm):
+        _trial(w[i:j], w0[i:j], d, etas[r])
+
+
+def absorbed_counts(w, w0, g, v, m, ranges: list[int], hp: list[float], mode: int, along_dm=False) -> Tensor:
+    """``reference.absorbed_counts`` with this backend's direction."""
+    out = torch.zeros(len(ranges) // 2, 2, dtype=torch.float64, device=w.device)
+    for r, i, j, d in _directions(g, w0, v, m, ranges, hp, mode, along_dm):
+        moving = d != 0
+        out[r, 0] += moving.sum()
+        out[r, 1] += (moving & (w[i:j] == w0[i:j].to(w.dtype))).sum()
+    return out
 
 
 def grad_check(g: Tensor) -> tuple[int, float]:
@@ -153,4 +206,3 @@ def grad_check(g: Tensor) -> tuple[int, float]:
 
 
 restore = reference.restore
-absorbed_counts = reference.absorbed_counts

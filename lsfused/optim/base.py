@@ -64,8 +64,7 @@ class LineSearchOptimizer(FlatOptimizer):
         self._scaler = None
         if loss_scale is not None:
             self._scaler = scaling.LossScale(float(loss_scale) if validation.number(loss_scale) else scaling.INIT)
-        self._decrease_ratio = 0.0
-        self._warned_scaled = False
+        self._decrease_ratio, self._warned_scaled = 0.0, False
         self._process_group = process_group
         self._dist_checked = False
         self._recorder = None
@@ -436,8 +435,8 @@ class LineSearchOptimizer(FlatOptimizer):
 
         Args:
             closure: callable that evaluates the loss on the current batch and returns it as a scalar tensor. It
-                must not call ``backward()`` (refused with a ValueError): the optimizer runs backward once, then
-                calls the closure under ``torch.no_grad()`` for every trial point. Required.
+                must not call ``backward()`` nor change the gradient (``zero_grad()``; both refused with a ValueError):
+                the optimizer runs backward once, then calls it under ``torch.no_grad()`` for every trial. Required.
             loss: the loss at the current parameters when the caller already ran forward and backward (as HF
                 Trainer or Lightning do). The optimizer then uses the existing ``.grad`` and only runs trials. With
                 ``deterministic_closure=True`` the gradient, ``f(w0)`` and the trials must share one random state
@@ -548,6 +547,7 @@ class LineSearchOptimizer(FlatOptimizer):
         ``step()``), then propagates. Yields the list in which ``_pass_a`` records that it ran."""
         before = (tuple(g["step_size"] for g in self.param_groups), self._extra_state(), self._skipper.state())
         progress, calls = [], run.calls
+        run.freeze([b.g for b in self._buckets])  # the trials recompute the direction from it
         self._skip_plan = self._skipper.plan() if self.skip_trials else None
         self._skip_event = None
         with transaction.undone_on_error(

@@ -206,7 +206,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         left = self._take_pending(eta)
         if left:
             self._restore(left)
-        passes.trial_step(self._buckets, self._ops, eta, direction)
+        passes.trial_step(self._buckets, self._ops, eta, direction, self._mode)
 
     def _restore(self, groups: Iterable[int] | None = None) -> None:
         """``w = w0`` over the given param groups (all when None)."""
@@ -216,7 +216,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def absorbed_fraction(self, groups: Iterable[int], direction: str = "d") -> float:
         """Fraction of the moving elements (``dir != 0``) of ``groups`` that the current trial left unchanged."""
-        return passes.absorbed_fraction(self._buckets, self._ops, groups, direction)
+        return passes.absorbed_fraction(self._buckets, self._ops, groups, direction, self._mode)
 
     # ------------------------------------------------------------------ the step size in "lr"
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lsfused.flat import FlatBucket, is_sharded
-from lsfused.reference import NORM_COLUMNS
+from lsfused.reference import HP_COLUMNS, NORM_COLUMNS
 
 #: the per-parameter state that lives in the flat buffers
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -87,8 +87,20 @@ def pass_a(
             if plan is not None and any(gi in plan[0] for gi in b.groups):
                 etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
                 eta = torch.tensor(etas, dtype=torch.float64, device=b.device)
+            b.hp = hp(b)
             part = ops.direction_and_norms(
-                b.g, b.w, b.w0, b.d, b.v, b.m, b.dm, b.flat_ranges, hp(b), mode, eta, along_dm, all_sums=all_sums
+                b.g,
+                b.w,
+                b.w0,
+                b.v,
+                b.m,
+                b.flat_ranges,
+                b.hp,
+                mode,
+                b.with_momentum_direction,
+                eta,
+                along_dm,
+                all_sums=all_sums,
             )
             done.append(b)
             parts.append(part)
@@ -120,18 +132,31 @@ def group_sums(
     return sums
 
 
-def trial_step(buckets: list[FlatBucket], ops: Any, eta: dict[int, float], direction: str) -> None:
-    """Pass B: ``w = w0 + eta[g]*dir`` over the param groups listed in ``eta``; others are left as they are."""
+def _rows(b: FlatBucket, sel: list[int]) -> list[float]:
+    """Pass A's hyperparameter rows of the bucket ranges ``sel``."""
+    width = len(HP_COLUMNS)
+    return [x for r in sel for x in b.hp[r * width : (r + 1) * width]]
+
+
+def trial_step(buckets: list[FlatBucket], ops: Any, eta: dict[int, float], direction: str, mode: int) -> None:
+    """Pass B: ``w = w0 + eta[g]*dir`` over the param groups listed in ``eta``; others are left as they are. The
+    direction is recomputed from the gradient and moments Pass A left (``reference.direction``)."""
     for b in buckets:
         sel = [r for r, gi in enumerate(b.groups) if gi in eta]
         if sel:
             etas = torch.tensor([eta[b.groups[r]] for r in sel], dtype=torch.float64).to(b.device, non_blocking=True)
-            ops.trial_step(b.w, b.w0, getattr(b, direction), [x for r in sel for x in b.ranges[r]], etas)
+            ranges = [x for r in sel for x in b.ranges[r]]
+            ops.trial_step(b.w, b.w0, b.g, b.v, b.m, ranges, _rows(b, sel), mode, etas, direction == "dm")
             b.write_back()
 
 
 def _selected(b: FlatBucket, groups: set[int] | None) -> list[int]:
-    return [x for rng, gi in zip(b.ranges, b.groups, strict=True) if groups is None or gi in groups for x in rng]
+    """Indices of the bucket ranges of ``groups`` (all when None)."""
+    return [r for r, gi in enumerate(b.groups) if groups is None or gi in groups]
+
+
+def _flat(b: FlatBucket, sel: list[int]) -> list[int]:
+    return [x for r in sel for x in b.ranges[r]]
 
 
 def restore(buckets: list[FlatBucket], ops: Any, groups: Iterable[int] | None) -> None:
@@ -140,16 +165,18 @@ def restore(buckets: list[FlatBucket], ops: Any, groups: Iterable[int] | None) -
     for b in buckets:
         sel = _selected(b, wanted)
         if sel:
-            ops.restore(b.w, b.w0, sel)
+            ops.restore(b.w, b.w0, _flat(b, sel))
             b.write_back()
 
 
-def absorbed_fraction(buckets: list[FlatBucket], ops: Any, groups: Iterable[int], direction: str) -> float:
+def absorbed_fraction(buckets: list[FlatBucket], ops: Any, groups: Iterable[int], direction: str, mode: int) -> float:
     """Fraction of the moving elements (``dir != 0``) of ``groups`` that the current trial left unchanged."""
     wanted, moving, absorbed = set(groups), 0.0, 0.0
     for b in buckets:
         sel = _selected(b, wanted)
         if sel:
-            counts = ops.absorbed_counts(b.w, b.w0, getattr(b, direction), sel).sum(0).tolist()
+            along_dm = direction == "dm"
+            counts = ops.absorbed_counts(b.w, b.w0, b.g, b.v, b.m, _flat(b, sel), _rows(b, sel), mode, along_dm)
+            counts = counts.sum(0).tolist()
             moving, absorbed = moving + counts[0], absorbed + counts[1]
     return absorbed / moving if moving else 1.0

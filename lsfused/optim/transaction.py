@@ -83,20 +83,38 @@ def undone_on_error(undo: Callable[[BaseException], None]) -> Iterator[None]:
         raise
 
 
+_GRADIENT_CHANGED = (
+    "the closure changed the gradient in place during the step's trials (opt.zero_grad(), "
+    "model.zero_grad(set_to_none=False) or an in-place op on a .grad): the optimizer recomputes the search direction "
+    "from the gradient at every trial, so the closure must leave it alone. Return the loss without zeroing the "
+    "gradient (the optimizer zeroes it itself before its backward); the parameters are back at w0"
+)
+
+
 class ClosureRunner:
     """A step's closure as the step calls it: counted (``calls``), with ``backward()`` refused, and each call under
-    the random state ``random_state()`` enters (None: the caller's)."""
+    the random state ``random_state()`` enters (None: the caller's). After ``freeze(tensors)`` (the gradient, once
+    Pass A read it) a call that changed one of them in place raises a ValueError: the trials recompute the direction
+    from it. torch's version counter tells, without reading the data."""
 
     def __init__(self, closure: Callable[[], Tensor], random_state: Callable[[], AbstractContextManager] | None):
         self.closure, self.random_state, self.calls = closure, random_state, 0
+        self._frozen: list[tuple[Tensor, int]] = []
+
+    def freeze(self, tensors: list[Tensor]) -> None:
+        self._frozen = [(t, t._version) for t in tensors]
 
     def __call__(self) -> Tensor:
         self.calls += 1
         with backward_refused():
             if self.random_state is None:
-                return self.closure()
-            with self.random_state():
-                return self.closure()
+                out = self.closure()
+            else:
+                with self.random_state():
+                    out = self.closure()
+        if any(t._version != version for t, version in self._frozen):
+            raise ValueError(_GRADIENT_CHANGED)
+        return out
 
 
 def evaluate(
