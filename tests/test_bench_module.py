@@ -55,22 +55,23 @@ def test_bench_steps_reports_every_step_row_with_its_ratio(caplog):
     for backend in bench._backends(CPU):
         for name in ("AdamSLS b1=0", "AdamSLS", "PLASLS", "SaLSa"):
             assert {(name, backend, "tiny/accepted"), (name, backend, "tiny/3 backtracks")} <= scenarios
-    # Memory per parameter (fp32 state, the default beta1 = 0.9): AdamSLS keeps w0, d, v, m and the momentum
-    # direction, 5 x 4 bytes (beta1 = 0: 3 x 4); Adam m and v, 8 bytes.
+    # Memory per parameter (fp32 state, the default beta1 = 0.9): AdamSLS keeps w0, v, m, 3 x 4 bytes (no direction
+    # buffer); Adam m and v, 8 bytes.
     memory = {r["name"]: r["ratio_to_fused_adam"] for r in rows if r["kind"] == "memory"}
-    assert memory["AdamSLS"] == 20.0 and memory["Adam (fused)"] == 8.0
+    assert memory["AdamSLS"] == 12.0 and memory["Adam (fused)"] == 8.0
 
 
 # Bytes per fp32 element, from the buffers each op touches: the non-finite check reads g (4); Pass A reads g, w, v
-# (and m) and writes v (and m), w0, d (and dm) and, with the first trial fused in, w; each further trial (Pass B)
-# reads w0 and d and writes w (12); with momentum the accepted step is applied along dm (Pass B, 12).
+# (and m) and writes v (and m), w0 and, with the first trial fused in, w; each further trial (Pass B) reads w0, and
+# g, v to recompute d, and writes w (16); with momentum the accepted step is applied along dm (Pass B reading w0,
+# m, v: 16).
 @pytest.mark.parametrize(
     ("name", "rejections", "expected"),
     [
-        ("AdamSLS b1=0", 0, 4 + 12 + 16),
-        ("AdamSLS b1=0", 3, 4 + 12 + 16 + 3 * 12),
-        ("AdamSLS", 0, 4 + 16 + 24 + 12),
-        ("SaLSa", 0, 4 + 16 + 24),
+        ("AdamSLS b1=0", 0, 4 + 12 + 12),
+        ("AdamSLS b1=0", 3, 4 + 12 + 12 + 3 * 16),
+        ("AdamSLS", 0, 4 + 16 + 16 + 16),
+        ("SaLSa", 0, 4 + 16 + 16),
     ],
 )
 def test_step_bytes_per_element_count_the_buffers_touched(name, rejections, expected):

@@ -395,7 +395,12 @@ class AdamSLS(_ArmijoSLS):
     Default ``betas=(0.9, 0.999)``: what the authors' experiments ran (their code's ``momentum=0.9``); chosen by
     measurement over seeds on the two demo tasks (``benchmarks/results/defaults.md``). The paper's text (Eq. 5)
     reads as ``betas=(0.0, 0.999)``: the searched point is then the update, and no first-moment buffer is allocated
-    (8 bytes of state per parameter less).
+    (4 bytes of state per parameter less).
+
+    State per fp32 parameter: the moments and the snapshot ``w0``, 12 bytes (8 with ``betas[0] == 0``: torch's fused
+    Adam keeps 8); the search direction is not stored but recomputed at every trial from the gradient and the moments,
+    bit for bit as Pass A computed it (``benchmarks/results/memory.md``: the accepted step got faster, each extra trial
+    reads 16 bytes per element instead of 12).
 
     Args:
         params: parameters or param groups. Line-search hyperparameters must be equal in every group (all groups
