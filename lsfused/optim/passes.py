@@ -87,21 +87,9 @@ def pass_a(
             if plan is not None and any(gi in plan[0] for gi in b.groups):
                 etas = [plan[0].get(gi, math.nan) for gi in b.groups]  # NaN: no trial, w stays as it is
                 eta = torch.tensor(etas, dtype=torch.float64, device=b.device)
-            b.hp = hp(b)
-            part = ops.direction_and_norms(
-                b.g,
-                b.w,
-                b.w0,
-                b.v,
-                b.m,
-                b.flat_ranges,
-                b.hp,
-                mode,
-                b.with_momentum_direction,
-                eta,
-                along_dm,
-                all_sums=all_sums,
-            )
+            b.hp = hp(b)  # kept for the step: its trials recompute the direction with these rows
+            args = (b.g, b.w, b.w0, b.v, b.m, b.flat_ranges, b.hp, mode, b.with_momentum_direction, eta, along_dm)
+            part = ops.direction_and_norms(*args, all_sums=all_sums)
             done.append(b)
             parts.append(part)
             if eta is not None:
