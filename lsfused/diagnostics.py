@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lsfused.reference import HP_COLUMNS, MODE_SGD, NORM_COLUMNS, direction
+from lsfused.reference import MODE_SGD, NORM_COLUMNS, direction, hp_row
 
 _FP32_COLUMNS = ("s", "gg", "gd", "dd")
 #: where a trial's step size came from: the first step's init_step_size, the init_step_size="auto" bound, the previous
@@ -149,13 +149,11 @@ class Recorder:
         """
         out = [dict.fromkeys(_FP32_COLUMNS, 0.0) for _ in range(opt.n_groups)]
         acc = [{c: torch.zeros((), dtype=torch.float32) for c in _FP32_COLUMNS} for _ in range(opt.n_groups)]
-        width = len(HP_COLUMNS)
         for b in opt._buckets:
             for r, ((a, e), gi) in enumerate(zip(b.ranges, b.groups, strict=True)):
                 v, m = (None if t is None else t[a:e] for t in (b.v, b.m))
-                row = b.hp[r * width : (r + 1) * width]  # Pass A's, as the trials recompute d
                 g = b.g[a:e].to(b.w0.dtype)
-                d = direction(g, v, m, row, opt._mode, False).float()
+                d = direction(g, v, m, hp_row(b.hp, r), opt._mode, False).float()  # as the trials recompute it
                 g = g.float()
                 gd = (g * d).sum()
                 acc[gi]["s"] += (g * g).sum() if opt._mode == MODE_SGD else -gd

@@ -94,7 +94,8 @@ def _divisor(x: float, like: Tensor) -> Tensor:
     return torch.tensor(x, dtype=like.dtype, device=like.device)
 
 
-def _rows(hp: list[float], r: int) -> list[float]:
+def hp_row(hp: list[float], r: int) -> list[float]:
+    """Range ``r``'s row of a flat per-range hyperparameter list (``HP_COLUMNS``)."""
     width = len(HP_COLUMNS)
     return hp[r * width : (r + 1) * width]
 
@@ -126,7 +127,7 @@ def direction_and_norms(
     etas = [math.nan] * len(spans) if eta is None else eta.detach().cpu().tolist()
     out = torch.zeros(len(spans), len(NORM_COLUMNS), dtype=torch.float64, device=g.device)
     for r, (a, b) in enumerate(spans):
-        row = _rows(hp, r)
+        row = hp_row(hp, r)
         b1, b2, eps, bc1, sqrt_bc2, wd_scale = row
         gr = g[a:b].to(w0.dtype)
         if wd_scale == 1.0:
@@ -184,7 +185,7 @@ def trial_step(
     """
     eta_s = eta.to(device=w0.device, dtype=w0.dtype)
     for r, (a, b) in enumerate(pairs(ranges)):
-        d = direction(g[a:b].to(w0.dtype), _part(v, a, b), _part(m, a, b), _rows(hp, r), mode, along_dm)
+        d = direction(g[a:b].to(w0.dtype), _part(v, a, b), _part(m, a, b), hp_row(hp, r), mode, along_dm)
         w[a:b].copy_(w0[a:b] + eta_s[r] * d)
 
 
@@ -215,7 +216,7 @@ def absorbed_counts(
     spans = pairs(ranges)
     out = torch.zeros(len(spans), 2, dtype=torch.float64, device=w.device)
     for r, (a, b) in enumerate(spans):
-        d = direction(g[a:b].to(w0.dtype), _part(v, a, b), _part(m, a, b), _rows(hp, r), mode, along_dm)
+        d = direction(g[a:b].to(w0.dtype), _part(v, a, b), _part(m, a, b), hp_row(hp, r), mode, along_dm)
         moving = d != 0
         out[r, 0] = moving.sum()
         out[r, 1] = (moving & (w[a:b] == w0[a:b].to(w.dtype))).sum()

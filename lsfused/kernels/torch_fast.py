@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lsfused import reference
-from lsfused.reference import HP_COLUMNS, MODE_SGD, NORM_COLUMNS, mark_skipped_sums, pairs
+from lsfused.reference import MODE_SGD, NORM_COLUMNS, hp_row, mark_skipped_sums, pairs
 
 #: elements per chunk: a few buffers of this many fp32 elements fit in a CPU's L3 cache together, and each torch op's
 #: fixed cost (microseconds) is spread over enough elements (2^19 measured fastest of 2^16..2^22 on bert-base here)
@@ -63,18 +63,24 @@ def _denominator(v: Tensor, eps: float, sqrt_bc2: float, out: Tensor) -> Tensor:
     return torch.sqrt(v, out=out).add_(eps * sqrt_bc2)
 
 
+def _along(gc: Tensor, mc: Tensor | None, den: Tensor, row: list[float], along_dm: bool, out: Tensor) -> Tensor:
+    """Adam's ``d`` (``dm`` with ``along_dm``) from the chunk's ``_denominator`` into ``out`` (may be ``den``)."""
+    _, _, _, bc1, sqrt_bc2, _ = row
+    if along_dm:
+        return torch.addcdiv(_zero(out), mc if mc is not None else gc, den, value=-sqrt_bc2 / bc1, out=out)
+    return torch.addcdiv(_zero(out), gc, den, value=-sqrt_bc2, out=out)
+
+
 def _direction(gc: Tensor, vc: Tensor | None, mc: Tensor | None, row: list[float], mode: int, along_dm: bool, out):
-    """The chunk's direction (``d``, ``dm`` with ``along_dm``) into ``out``, with Pass A's ops: the trials and the
-    absorbed count recompute it from the same g, v, m, so it is bit-identical to what Pass A summed."""
+    """The chunk's direction (``d``, ``dm`` with ``along_dm``) into ``out``, with Pass A's ops (``_denominator``,
+    ``_along``): the trials and the absorbed count recompute it from the same g, v, m, so it is bit-identical to what
+    Pass A summed."""
     if mode == MODE_SGD:
         if along_dm:
             raise ValueError("SGD has no momentum direction")
         return torch.neg(gc, out=out)
-    _, _, eps, bc1, sqrt_bc2, _ = row
-    den = _denominator(vc, eps, sqrt_bc2, out)
-    if along_dm:
-        return torch.addcdiv(_zero(out), mc if mc is not None else gc, den, value=-sqrt_bc2 / bc1, out=out)
-    return torch.addcdiv(_zero(out), gc, den, value=-sqrt_bc2, out=out)
+    _, _, eps, _, sqrt_bc2, _ = row
+    return _along(gc, mc, _denominator(vc, eps, sqrt_bc2, out), row, along_dm, out)
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -106,15 +112,14 @@ def direction_and_norms(
         raise ValueError("trial_dm needs with_dm (an optimizer with a momentum direction)")
     spans = pairs(ranges)
     etas = [math.nan] * len(spans) if eta is None else eta.detach().cpu().tolist()
-    width = len(HP_COLUMNS)
     sums: list[list[Tensor]] = []
     zero = torch.zeros((), dtype=torch.float64, device=g.device)
     sdt = w0.dtype
     # Two chunk-sized temporaries: g*g (then dm), and the denominator (then d, in place).
     scratch_full, den_full = _scratch(spans, sdt, g.device), _scratch(spans, sdt, g.device)
     for r, (a, b) in enumerate(spans):
-        row = hp[r * width : (r + 1) * width]
-        b1, b2, eps, bc1, sqrt_bc2, wd_scale = row
+        row = hp_row(hp, r)
+        b1, b2, eps, _, sqrt_bc2, wd_scale = row
         acc = [zero] * len(NORM_COLUMNS)
         for i, j in _chunks(a, b, g.device):
             scratch, dc = scratch_full[: j - i], den_full[: j - i]
@@ -136,11 +141,12 @@ def direction_and_norms(
                     mc.lerp_(gc, 1.0 - b1)  # b1*m + (1-b1)*g
                 v[i:j].lerp_(scratch, 1.0 - b2)  # b2*v + (1-b2)*g*g
                 gg = scratch.sum().double() if all_sums else zero
+                den = _denominator(v[i:j], eps, sqrt_bc2, dc)  # one per chunk: dm reads it, then d overwrites it
                 gdm = zero
                 if with_dm:
-                    dmc = _direction(gc, v[i:j], mc, row, mode, True, scratch)
+                    dmc = _along(gc, mc, den, row, True, scratch)
                     gdm = _dot(gc, dmc)
-                _direction(gc, v[i:j], mc, row, mode, False, dc)
+                _along(gc, mc, den, row, False, dc)
                 gd = _dot(gc, dc)
                 part = [-gd, gg, gd, _dot(dc, dc) if all_sums else zero, gdm]
             acc = [x + y for x, y in zip(acc, part, strict=True)]
@@ -166,10 +172,9 @@ def _directions(g, w0, v, m, ranges, hp, mode, along_dm):
     """Per chunk of the listed ranges (Pass A's chunks): ``(r, i, j, direction)``, the direction in a reused
     temporary."""
     spans = pairs(ranges)
-    width = len(HP_COLUMNS)
     den_full = _scratch(spans, w0.dtype, g.device)
     for r, (a, b) in enumerate(spans):
-        row = hp[r * width : (r + 1) * width]
+        row = hp_row(hp, r)
         for i, j in _chunks(a, b, g.device):
             gc = g[i:j] if g.dtype == den_full.dtype else g[i:j].to(den_full.dtype)
             vc, mc = (None if t is None else t[i:j] for t in (v, m))

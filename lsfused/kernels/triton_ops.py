@@ -362,7 +362,7 @@ def absorbed_counts(
     mode: int,
     along_dm: bool = False,
 ) -> Tensor:
-    # Not the reference's: on a GPU its torch ops divide by a Python scalar as a*(1/b), not Pass A's division.
+    # One read pass; the reference's torch ops (which the cpp backend uses off the CPU) cost several.
     flags = _direction_flags(w0, m, mode, along_dm)
     spans = pairs(ranges)
     hp_dev = _hp(hp, w.device)

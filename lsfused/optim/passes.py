@@ -9,14 +9,14 @@ sees every call) and works on param groups by index.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lsfused.flat import FlatBucket, is_sharded
-from lsfused.reference import HP_COLUMNS, NORM_COLUMNS
+from lsfused.reference import NORM_COLUMNS, hp_row
 
 #: the per-parameter state that lives in the flat buffers
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -122,23 +122,21 @@ def group_sums(
 
 def _rows(b: FlatBucket, sel: list[int]) -> list[float]:
     """Pass A's hyperparameter rows of the bucket ranges ``sel``."""
-    width = len(HP_COLUMNS)
-    return [x for r in sel for x in b.hp[r * width : (r + 1) * width]]
+    return [x for r in sel for x in hp_row(b.hp, r)]
 
 
 def trial_step(buckets: list[FlatBucket], ops: Any, eta: dict[int, float], direction: str, mode: int) -> None:
     """Pass B: ``w = w0 + eta[g]*dir`` over the param groups listed in ``eta``; others are left as they are. The
     direction is recomputed from the gradient and moments Pass A left (``reference.direction``)."""
     for b in buckets:
-        sel = [r for r, gi in enumerate(b.groups) if gi in eta]
+        sel = _selected(b, eta)
         if sel:
             etas = torch.tensor([eta[b.groups[r]] for r in sel], dtype=torch.float64).to(b.device, non_blocking=True)
-            ranges = [x for r in sel for x in b.ranges[r]]
-            ops.trial_step(b.w, b.w0, b.g, b.v, b.m, ranges, _rows(b, sel), mode, etas, direction == "dm")
+            ops.trial_step(b.w, b.w0, b.g, b.v, b.m, _flat(b, sel), _rows(b, sel), mode, etas, direction == "dm")
             b.write_back()
 
 
-def _selected(b: FlatBucket, groups: set[int] | None) -> list[int]:
+def _selected(b: FlatBucket, groups: Container[int] | None) -> list[int]:
     """Indices of the bucket ranges of ``groups`` (all when None)."""
     return [r for r, gi in enumerate(b.groups) if groups is None or gi in groups]
 
