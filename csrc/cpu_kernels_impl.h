@@ -11,7 +11,7 @@
 // element, independent of ISA and of where a vector starts; tails go through the same code on a zero-padded block
 // with the padding masked out of the sums. (Checked: the arithmetic is plain division and sqrt on purpose. Replacing
 // the division by the per-range constant with an exact double-precision reciprocal multiply, or the float64
-// division of the s term with a compensated float one, measured slower on the Zen 1 used here, where this Pass A is
+// division of the s term with a compensated float one, measured slower on the Zen 3 used here, where this Pass A is
 // bound by the divider in the caches: benchmarks/pass_a_ablation.py.)
 //
 // Float64 sums: 8 lane accumulators per chunk, added in a fixed order at the end, so a chunk's sums depend only on
@@ -568,9 +568,12 @@ void absorbed_t(const TrialPtrs& ptr, int64_t begin, int64_t n, const Hp& hp, in
 template <class P, class U, U EXP>
 int64_t grad_check_t(const void* g_, int64_t begin, int64_t n, double* sumsq) {
   const P* g = static_cast<const P*>(g_) + begin;
+  constexpr int64_t kLine = 64 / sizeof(P), kAhead = 4096 / sizeof(P);  // a cache line; 4 KB ahead
   D acc = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    // A read-only stream runs below this CPU's read bandwidth on the hardware prefetcher alone (benchmarks/README.md)
+    if (i % kLine == 0 && i + kAhead < n) __builtin_prefetch(g + i + kAhead, 0, 0);
     const D x = to_f64(Param<P>::load(g + i));
     acc = acc + x * x;
   }
