@@ -4,6 +4,9 @@ ratios. "before" is today's optimizer with ``_fuse_first_trial = False`` (Pass A
 the op sequence before the fusion, bit-identical results). Accepted first trial, optimizer side only.
 
     PYTHONPATH=$PWD python benchmarks/fused_trial.py [--rounds 15] [--out benchmarks/results/fused_trial.csv]
+
+``--lists bert-base --fused-only`` times only today's cpp steps on bert-base (a before/after of a kernel change is
+pairs of such runs, one per build, alternated).
 """
 
 from __future__ import annotations
@@ -65,13 +68,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default="benchmarks/results/fused_trial.csv")
+    parser.add_argument("--lists", nargs="+", choices=list(LISTS), default=list(LISTS))
+    parser.add_argument("--fused-only", action="store_true", help="skip the unfused and torch-fast steps")
     args = parser.parse_args()
     device = torch.device("cpu")
     rows = []
-    for name, shapes in LISTS.items():
+    for name in args.lists:
+        shapes = LISTS[name]
         params = bench._make_params(shapes, device)
         adam = torch.optim.Adam(params, lr=1e-3, fused=True)
         steps = variants(shapes, device)
+        if args.fused_only:
+            steps = {k: fn for k, fn in steps.items() if "before" not in k and "torch-fast" not in k}
         ratios = {k: [] for k in steps}
         adam_ms = []
         for fn in [adam.step, *steps.values()]:  # warm-up

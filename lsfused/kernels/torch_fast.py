@@ -21,7 +21,7 @@ So the buffers may differ from the reference in the last bits and the sums by ab
 sum: up to about 2e-5; the decisions agree unless a trial's Armijo test is that close to its threshold); the step is
 still a transaction (``w0`` is an exact copy of ``w``; reverting is bit-exact). ``auto`` falls back to this backend
 when neither the C++ extension nor Triton can run; ask for ``backend="torch"`` for the reference itself. Measured on
-a 2-core Zen 1, an accepted AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``:
+a 2-core Zen 3, an accepted AdamSLS step with ``betas=(0, 0.999)``, interleaved with torch ``Adam(fused=True)``:
 2.7-3.3x fused Adam on bert-base's parameters and on 1M parameters in 20 tensors (three runs; the op sequence before
 the lerp/addcdiv/dot rewrite, with 2^18-element chunks: 3.8-4.7x and 3.7-3.9x; the reference: 80-150x; the C++
 backend: 1.4-1.6x).
