@@ -82,9 +82,9 @@ struct Chunk {
 
 // From this many elements per call on, write-only outputs of the memory-bound kernels (Pass B, restore, SGD Pass A)
 // are streamed past the caches: they would not stay there, and streaming skips reading each line before writing
-// it (about 25% less traffic). Adam's Pass A does not stream: streaming its outputs (then d and w0) measured
-// slower at bert-base size on the Zen 3 VM used here (74-75 ms against 69-70 ms; benchmarks/README.md), where that
-// pass is compute-bound in the caches (the divider, the float64 sums) and near the memory limit beyond.
+// it (about 25% less traffic). Adam's Pass A does not stream: streaming w0 (and d, while it was stored) measured
+// slower at bert-base size on the Zen 3 VM used here each time it was tried, per store or by sub-blocks, although a
+// loop with Pass A's accesses and no arithmetic gains from it (benchmarks/README.md).
 constexpr int64_t kStreamFrom = int64_t{1} << 21;
 
 int64_t total(const std::vector<Chunk>& chunks) {
