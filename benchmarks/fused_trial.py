@@ -28,9 +28,9 @@ LISTS = {
 }
 
 
-def variants(shapes, device):
+def variants(shapes, device, fused_only: bool = False):
     """Step functions over three optimizers (b1 = 0, momentum, torch-fast); "before" switches the fusion off for
-    its call only, so both sides of a comparison run on the same buffers."""
+    its call only, so both sides of a comparison run on the same buffers. ``fused_only``: the cpp fused steps only."""
 
     def step(opt, fuse, rejections=0):
         inner = bench._lsfused_step(opt, bench._Script(rejections))
@@ -46,16 +46,19 @@ def variants(shapes, device):
 
     b0 = lsfused.AdamSLS(bench._make_params(shapes, device), betas=(0.0, 0.999), backend="cpp")
     momentum = lsfused.AdamSLS(bench._make_params(shapes, device), backend="cpp")
-    fast = lsfused.AdamSLS(bench._make_params(shapes, device), betas=(0.0, 0.999), backend="torch-fast")
-    return {
-        "AdamSLS b1=0, before": step(b0, False),
-        "AdamSLS b1=0, fused": step(b0, True),
-        "AdamSLS b1=0, before, 3 backtracks": step(b0, False, 3),
-        "AdamSLS b1=0, fused, 3 backtracks": step(b0, True, 3),
-        "AdamSLS (momentum), before": step(momentum, False),
-        "AdamSLS (momentum), fused": step(momentum, True),
-        "AdamSLS b1=0, torch-fast": step(fast, True),
+    steps = {
+        "AdamSLS b1=0, before": (b0, False, 0),
+        "AdamSLS b1=0, fused": (b0, True, 0),
+        "AdamSLS b1=0, before, 3 backtracks": (b0, False, 3),
+        "AdamSLS b1=0, fused, 3 backtracks": (b0, True, 3),
+        "AdamSLS (momentum), before": (momentum, False, 0),
+        "AdamSLS (momentum), fused": (momentum, True, 0),
     }
+    out = {key: step(*spec) for key, spec in steps.items() if spec[1] or not fused_only}
+    if not fused_only:
+        fast = lsfused.AdamSLS(bench._make_params(shapes, device), betas=(0.0, 0.999), backend="torch-fast")
+        out["AdamSLS b1=0, torch-fast"] = step(fast, True)
+    return out
 
 
 def timed(fn) -> float:
@@ -77,9 +80,7 @@ def main() -> None:
         shapes = LISTS[name]
         params = bench._make_params(shapes, device)
         adam = torch.optim.Adam(params, lr=1e-3, fused=True)
-        steps = variants(shapes, device)
-        if args.fused_only:
-            steps = {k: fn for k, fn in steps.items() if "before" not in k and "torch-fast" not in k}
+        steps = variants(shapes, device, args.fused_only)
         ratios = {k: [] for k in steps}
         adam_ms = []
         for fn in [adam.step, *steps.values()]:  # warm-up

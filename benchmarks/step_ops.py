@@ -2,7 +2,11 @@
 torch ``Adam(fused=True)`` on the same parameter list (bert-base's shapes, ``cpp`` backend, optimizer side only: the
 closure returns a scripted loss, as in ``fused_trial.py``).
 
-    PYTHONPATH=$PWD python benchmarks/step_ops.py [--rejections 3] [--steps 12]
+With ``--alone``, each op the step called is then called again on its own with the step's last arguments,
+alternated with a fused Adam step: its time and its ratio to the Adam step right before it (median and 20th-80th
+percentiles; ``--rejections 1`` so that the trial op runs too).
+
+    PYTHONPATH=$PWD python benchmarks/step_ops.py [--rejections 3] [--steps 12] [--alone]
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from lsfused.apps import bench
 
 
 class Timed:
-    """The optimizer's backend with every op call timed."""
+    """The optimizer's backend with every op call timed and its last arguments kept."""
 
-    def __init__(self, ops, times: dict[str, list[float]]):
-        self._ops, self._times = ops, times
+    def __init__(self, ops, times: dict[str, list[float]], calls: dict):
+        self._ops, self._times, self._calls = ops, times, calls
 
     def __getattr__(self, name):
         fn = getattr(self._ops, name)
@@ -30,6 +34,7 @@ class Timed:
             return fn
 
         def timed(*args, **kwargs):
+            self._calls[name] = (fn, args, kwargs)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             self._times[name].append(time.perf_counter() - start)
@@ -42,12 +47,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rejections", type=int, default=0, help="trials rejected before one is accepted")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--alone", action="store_true", help="also time each op on its own against fused Adam")
     args = parser.parse_args()
     device = torch.device("cpu")
     opt = lsfused.AdamSLS(bench._make_params(bench.BERT_BASE, device), betas=(0.0, 0.999), backend="cpp")
     adam = torch.optim.Adam(bench._make_params(bench.BERT_BASE, device), lr=1e-3, fused=True)
     times: dict[str, list[float]] = collections.defaultdict(list)
-    opt._ops = Timed(opt._ops, times)
+    calls: dict = {}
+    opt._ops = Timed(opt._ops, times, calls)
     step = bench._lsfused_step(opt, bench._Script(args.rejections))
     step_ms, adam_ms = [], []
     for _ in range(args.steps):
@@ -68,6 +75,26 @@ def main() -> None:
             b.g.sum()
         reads.append((time.perf_counter() - start) * 1e3)
     print(f"  torch.sum over the gradient: median {statistics.median(reads):.1f} ms")
+    if args.alone:
+        alone(adam, calls, args.steps)
+
+
+def alone(adam, calls: dict, repeats: int) -> None:
+    times: dict[str, list[float]] = {"fused Adam": [], **{name: [] for name in calls}}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        adam.step()
+        times["fused Adam"].append(time.perf_counter() - start)
+        for name, (fn, args, kwargs) in calls.items():
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            times[name].append(time.perf_counter() - start)
+    print("each op alone, alternated with fused Adam:")
+    for name, ts in times.items():
+        r = [t / a for t, a in zip(ts, times["fused Adam"], strict=True)]
+        q = statistics.quantiles(r, n=5, method="inclusive")
+        print(f"  {name:<20} median {statistics.median(ts) * 1e3:6.1f} ms, {statistics.median(r):.3f}x fused Adam "
+              f"({q[0]:.3f}-{q[3]:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":
